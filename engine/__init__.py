@@ -1,0 +1,1 @@
+"""Model backends: eager torch, torch.compile, ONNX Runtime and TensorRT engines."""
