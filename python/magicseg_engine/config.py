@@ -1,0 +1,172 @@
+"""Run configuration as validated data: presets, flag overrides, and the copy saved with outputs.
+
+A preset names the models and the generation settings; flags on the command line override
+single fields. Whatever a command resolves is written next to its output, together with the
+versions of the libraries that produced it, so a dataset always says how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from magicseg_engine.errors import UsageError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LLMConfig(_Strict):
+    """An OpenAI-compatible chat-completions endpoint that writes scene descriptions."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "gpt-3.5-turbo"
+    # The name of the environment variable holding the key, never the key itself, so that
+    # saved configurations and logs cannot leak it.
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(8, ge=1, le=256)
+    max_retries: int = Field(5, ge=0, le=20)
+    timeout_s: float = Field(60.0, gt=0)
+    descriptions_per_request: int = Field(10, ge=1, le=50)
+    max_rounds: int = Field(3, ge=1, le=10)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+
+
+class PromptsConfig(_Strict):
+    """How class names become positive and counterfactual negative prompts."""
+
+    source: Literal["templates", "llm", "file"] = "templates"
+    max_classes_per_sample: int = Field(2, ge=1, le=8)
+    negative_token: str = "nothing"
+    seed: int = Field(0, ge=0, lt=2**31)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+
+
+class DiffusionConfig(_Strict):
+    """The text-to-image model and how it is sampled."""
+
+    architecture: Literal["tiny", "sd15"]
+    weights: Literal["random", "pretrained"]
+    # A diffusers folder or hub id; required when weights are pretrained.
+    model: str | None = None
+    height: int = Field(512, gt=0)
+    width: int = Field(512, gt=0)
+    steps: int = Field(20, gt=0)
+    guidance: float = Field(7.5, ge=0.0)
+    scheduler: Literal["ddim", "dpm-solver++", "euler"] = "ddim"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        # The VAE downsamples by 8: other sizes cannot be decoded back exactly.
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _weights_need_a_model(self) -> DiffusionConfig:
+        if self.weights == "pretrained" and not self.model:
+            raise ValueError("pretrained weights need a model path or hub id (--model)")
+        return self
+
+
+class SamConfig(_Strict):
+    """The Segment Anything model that refines attention-derived prompts into masks."""
+
+    model_type: Literal["tiny", "vit_b", "vit_l", "vit_h"]
+    checkpoint: str | None = None
+
+
+class RunConfig(_Strict):
+    preset: str
+    seed: int = Field(0, ge=0, lt=2**31)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    diffusion: DiffusionConfig
+    sam: SamConfig
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "preset": "tiny",
+        "diffusion": {
+            "architecture": "tiny", "weights": "random", "height": 64, "width": 64,
+            "steps": 4, "guidance": 7.5, "dtype": "float32",
+        },
+        "sam": {"model_type": "tiny"},
+    },
+    "sd15-random": {
+        "preset": "sd15-random",
+        "diffusion": {"architecture": "sd15", "weights": "random"},
+        "sam": {"model_type": "vit_h"},
+    },
+    "sd15": {
+        "preset": "sd15",
+        "diffusion": {
+            "architecture": "sd15", "weights": "pretrained",
+            "model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        },
+        "sam": {"model_type": "vit_h"},
+    },
+}
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line per problem, naming the dotted field path, for UsageError messages."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "configuration"
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def load_preset(name: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The preset `name` with `overrides` (a nested dict, None values ignored) applied."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    cleaned = _drop_none(overrides or {})
+    try:
+        return RunConfig.model_validate(_merge(PRESETS[name], cleaned))
+    except ValidationError as err:
+        raise UsageError(f"invalid configuration for preset {name!r}: {describe_validation_error(err)}") from None
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour shapes an output."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for dist in ("magicseg-engine", "torch", "torchvision", "numpy", "inflect", "open_clip_torch",
+                 "diffusers", "segment-anything", "webdataset"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def save_config(config: BaseModel, path: Path, **extra: Any) -> None:
+    """Write `config` as JSON with library versions (and anything in `extra`) to `path`, atomically."""
+    from magicseg_engine.atomic import atomic_write_text
+
+    payload = {"config": config.model_dump(mode="json"), "versions": library_versions(), **extra}
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
