@@ -14,6 +14,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <pybind11/stl.h>
@@ -25,24 +26,25 @@ namespace py = pybind11;
 namespace magicseg {
 namespace {
 
-// Square tiles for transposing between row-major and column-major: a tile's rows and
-// columns both stay in L1, whatever the input strides.
+// Square tiles for gathering a strided mask into column-major order: a tile's source rows
+// and destination columns both stay in L1, whatever the input strides.
 constexpr int64_t kTile = 64;
 
 // Longest value accepted when decoding: 12 groups are 60 bits, far beyond any H*W.
 constexpr int kMaxGroups = 12;
 
-// Calls fn(i, scratch) for every i in [0, n) on up to num_threads threads. Masks are
-// handed out one at a time so a few large ones do not leave threads idle. An exception
-// from fn is rethrown here, the one with the lowest i, so errors do not depend on timing.
-template <typename Fn>
+// Calls fn(i, scratch) for every i in [0, n) on up to num_threads threads, each thread
+// reusing one default-constructed Scratch. Masks are handed out one at a time so a few
+// large ones do not leave threads idle. An exception from fn is rethrown here, the one
+// with the lowest i, so errors do not depend on timing.
+template <typename Scratch, typename Fn>
 void parallel_for(int64_t n, int num_threads, Fn fn) {
   if (num_threads <= 0) num_threads = default_num_threads();
   const int64_t workers = std::min<int64_t>(num_threads, n);
   std::atomic<int64_t> next{0};
   std::vector<std::exception_ptr> errors(static_cast<size_t>(n));
   auto work = [&] {
-    std::vector<uint8_t> scratch;
+    Scratch scratch;
     for (int64_t i; (i = next.fetch_add(1)) < n;) {
       try {
         fn(i, scratch);
@@ -65,7 +67,7 @@ void gather_column_major(const uint8_t* src, int64_t sh, int64_t sw, int64_t h, 
   if (sh == 1) {  // columns already contiguous (pycocotools' own layout): no tiling needed
     for (int64_t j = 0; j < w; ++j) {
       const uint8_t* col = src + j * sw;
-      for (int64_t i = 0; i < h; ++i) dst[j * h + i] = col[i];
+      for (int64_t i = 0; i < h; ++i) dst[j * h + i] = col[i] != 0;
     }
     return;
   }
@@ -77,18 +79,6 @@ void gather_column_major(const uint8_t* src, int64_t sh, int64_t sw, int64_t h, 
         const uint8_t* row = src + i * sh;
         for (int64_t j = j0; j < j1; ++j) dst[j * h + i] = row[j * sw] != 0;
       }
-    }
-  }
-}
-
-// Copies h*w column-major bytes into a C-contiguous (h, w) mask.
-void scatter_row_major(const uint8_t* src, int64_t h, int64_t w, uint8_t* dst) {
-  for (int64_t i0 = 0; i0 < h; i0 += kTile) {
-    const int64_t i1 = std::min(h, i0 + kTile);
-    for (int64_t j0 = 0; j0 < w; j0 += kTile) {
-      const int64_t j1 = std::min(w, j0 + kTile);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t j = j0; j < j1; ++j) dst[i * w + j] = src[j * h + i];
     }
   }
 }
@@ -119,23 +109,80 @@ void put_value(std::string& out, int64_t x) {
   }
 }
 
-std::string encode_column_major(const uint8_t* bits, int64_t n) {
+// Writes run lengths one by one, delta-coding from the fourth run on.
+struct CountsWriter {
   std::string out;
-  int64_t prev2 = 0, prev1 = 0;  // the two runs before the current one
-  int64_t start = 0;
-  uint8_t value = 0;
-  // The loop body runs at least once: an empty mask still gets its one (empty) run of 0s,
-  // as in pycocotools.
-  for (int64_t k = 0;; ++k) {
-    const int64_t end = run_end(bits, start, n, value);
-    const int64_t run = end - start;
+  int64_t prev2 = 0, prev1 = 0, k = 0;
+
+  void add(int64_t run) {
     put_value(out, k > 2 ? run - prev2 : run);
     prev2 = prev1;
     prev1 = run;
+    ++k;
+  }
+};
+
+std::string encode_column_major(const uint8_t* bits, int64_t n) {
+  CountsWriter writer;
+  int64_t start = 0;
+  uint8_t value = 0;
+  // The body runs at least once: an empty mask still gets its one (empty) run of 0s, as
+  // in pycocotools.
+  do {
+    const int64_t end = run_end(bits, start, n, value);
+    writer.add(end - start);
     start = end;
     value ^= 1;
-    if (start >= n) return out;
+  } while (start < n);
+  return std::move(writer.out);
+}
+
+struct EncodeScratch {
+  std::vector<uint8_t> bytes;
+  std::vector<uint32_t> per_column;
+  std::vector<int64_t> offsets, boundaries;
+};
+
+// Encodes an (h, w) mask whose pixels within a row are contiguous (row stride sh) without
+// transposing it. In column-major order a run starts at (i, j) where the pixel differs from
+// the one before it: (i-1, j), or (h-1, j-1) when i == 0. Comparing whole rows finds these
+// boundaries with contiguous, vectorisable reads; a counting sort by column then puts them
+// in column-major order.
+std::string encode_rows(const uint8_t* src, int64_t sh, int64_t h, int64_t w, EncodeScratch& s) {
+  s.bytes.resize(static_cast<size_t>(h * w));
+  s.per_column.assign(static_cast<size_t>(w), 0);
+  uint32_t* per_column = s.per_column.data();
+  for (int64_t i = 0; i < h; ++i) {
+    const uint8_t* row = src + i * sh;
+    uint8_t* changed = s.bytes.data() + i * w;
+    if (i == 0) {
+      const uint8_t* last = src + (h - 1) * sh;
+      if (w > 0) changed[0] = row[0] != 0;  // the first run is 0s by definition
+      for (int64_t j = 1; j < w; ++j) changed[j] = (row[j] != 0) != (last[j - 1] != 0);
+    } else {
+      const uint8_t* above = row - sh;
+      for (int64_t j = 0; j < w; ++j) changed[j] = (row[j] != 0) != (above[j] != 0);
+    }
+    for (int64_t j = 0; j < w; ++j) per_column[j] += changed[j];
   }
+  s.offsets.resize(static_cast<size_t>(w) + 1);
+  s.offsets[0] = 0;
+  for (int64_t j = 0; j < w; ++j) s.offsets[j + 1] = s.offsets[j] + per_column[j];
+  s.boundaries.resize(static_cast<size_t>(s.offsets[w]));
+  int64_t* next = s.offsets.data();  // advances to the end of each column's slot
+  for (int64_t i = 0; i < h; ++i) {
+    const uint8_t* changed = s.bytes.data() + i * w;
+    for (int64_t j = 0; j < w; j = run_end(changed, j + 1, w, 0))
+      if (changed[j]) s.boundaries[next[j]++] = j * h + i;
+  }
+  CountsWriter writer;
+  int64_t start = 0;
+  for (const int64_t b : s.boundaries) {
+    writer.add(b - start);
+    start = b;
+  }
+  writer.add(h * w - start);
+  return std::move(writer.out);
 }
 
 [[noreturn]] void bad_counts(int64_t index, const std::string& why) {
@@ -182,6 +229,31 @@ void for_each_run(std::string_view s, int64_t total, int64_t index, OnRun on_run
                           std::to_string(total));
 }
 
+// Decodes one counts string straight into a C-contiguous (h, w) mask. A run that starts at
+// (i, j) with i > 0 flips the pixel relative to the one above it, so marking those flips and
+// then XOR-ing each row into the next rebuilds the mask with contiguous row operations;
+// row 0 is taken from the run that covers the top of each column.
+void decode_rows(std::string_view counts, int64_t h, int64_t w, int64_t index, uint8_t* out,
+                 std::vector<uint8_t>& top) {
+  if (h == 0 || w == 0) {
+    for_each_run(counts, 0, index, [](int64_t, int64_t, bool) {});
+    return;
+  }
+  std::memset(out, 0, static_cast<size_t>(h * w));
+  top.assign(static_cast<size_t>(w), 0);
+  for_each_run(counts, h * w, index, [&](int64_t start, int64_t len, bool fg) {
+    // An empty run flips twice at the same place, which correctly cancels out.
+    if (start % h != 0) out[(start % h) * w + start / h] ^= 1;
+    for (int64_t j = (start + h - 1) / h; j * h < start + len; ++j) top[j] = fg;
+  });
+  std::memcpy(out, top.data(), static_cast<size_t>(w));
+  for (int64_t i = 1; i < h; ++i) {
+    uint8_t* row = out + i * w;
+    const uint8_t* above = row - w;
+    for (int64_t j = 0; j < w; ++j) row[j] ^= above[j];
+  }
+}
+
 // Views of the counts bytes, valid while `counts` holds its items; taken with the GIL so
 // the threads that read them never touch Python objects.
 std::vector<std::string_view> counts_views(const py::list& counts, std::vector<py::bytes>& keep) {
@@ -225,10 +297,15 @@ py::list rle_encode(const py::array& masks, int num_threads) {
   std::vector<std::string> out(static_cast<size_t>(n));
   {
     py::gil_scoped_release release;
-    parallel_for(n, num_threads, [&](int64_t i, std::vector<uint8_t>& scratch) {
-      scratch.resize(static_cast<size_t>(h * w));
-      gather_column_major(base + i * sn, sh, sw, h, w, scratch.data());
-      out[i] = encode_column_major(scratch.data(), h * w);
+    parallel_for<EncodeScratch>(n, num_threads, [&](int64_t i, EncodeScratch& scratch) {
+      const uint8_t* mask = base + i * sn;
+      if (sw == 1 && sh != 1) {
+        out[i] = encode_rows(mask, sh, h, w, scratch);
+      } else {
+        scratch.bytes.resize(static_cast<size_t>(h * w));
+        gather_column_major(mask, sh, sw, h, w, scratch.bytes.data());
+        out[i] = encode_column_major(scratch.bytes.data(), h * w);
+      }
     });
   }
   py::list result(n);
@@ -245,13 +322,8 @@ py::array_t<uint8_t> rle_decode(const py::list& counts, int64_t h, int64_t w, in
   uint8_t* out = result.mutable_data();
   {
     py::gil_scoped_release release;
-    parallel_for(n, num_threads, [&](int64_t i, std::vector<uint8_t>& scratch) {
-      scratch.resize(static_cast<size_t>(h * w));
-      uint8_t* bits = scratch.data();
-      for_each_run(views[i], h * w, i, [&](int64_t start, int64_t len, bool fg) {
-        std::memset(bits + start, fg ? 1 : 0, static_cast<size_t>(len));
-      });
-      scatter_row_major(bits, h, w, out + i * h * w);
+    parallel_for<std::vector<uint8_t>>(n, num_threads, [&](int64_t i, std::vector<uint8_t>& top) {
+      decode_rows(views[i], h, w, i, out + i * h * w, top);
     });
   }
   return result;
@@ -271,11 +343,13 @@ py::array_t<int64_t> rle_area(const py::list& counts, const py::list& sizes) {
   const std::vector<std::string_view> views = counts_views(counts, keep);
   py::array_t<int64_t> result(static_cast<py::ssize_t>(views.size()));
   int64_t* area = result.mutable_data();
-  py::gil_scoped_release release;
-  for (size_t i = 0; i < views.size(); ++i) {
-    area[i] = 0;
-    for_each_run(views[i], totals[i], static_cast<int64_t>(i),
-                 [&](int64_t, int64_t len, bool fg) { area[i] += fg ? len : 0; });
+  {
+    py::gil_scoped_release release;
+    for (size_t i = 0; i < views.size(); ++i) {
+      area[i] = 0;
+      for_each_run(views[i], totals[i], static_cast<int64_t>(i),
+                   [&](int64_t, int64_t len, bool fg) { area[i] += fg ? len : 0; });
+    }
   }
   return result;
 }
