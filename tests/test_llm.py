@@ -473,3 +473,50 @@ def test_an_unset_key_variable_sends_a_placeholder(server, tmp_path, monkeypatch
     descriptions, _ = describe_with_llm([("dog",)], make_config(server.url), tmp_path / "llm.jsonl")
     assert descriptions == [photo_of(("dog",), ", take 0")]
     assert server.authorizations == ["Bearer not-set"]
+
+
+# --- through the command line ------------------------------------------------------------------
+
+def test_prompts_command_with_the_llm_source(server, tmp_path):
+    from typer.testing import CliRunner
+
+    from magicseg_engine.cli import app
+    from magicseg_engine.prompts import read_records
+
+    out = tmp_path / "prompts.jsonl"
+    args = ["prompts", "--source", "llm", "--classes", "voc", "--num", "7", "--seed", "1", "--out", str(out),
+            "--llm-base-url", server.url, "--llm-model", "scripted-model", "--llm-api-key-env", KEY_ENV,
+            "--llm-concurrency", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = read_records(out)
+    assert len(records) == 7 and all(r.source == "llm" for r in records)
+    for r in records:
+        assert missing_classes(r.prompt, r.classes) == []
+        assert missing_classes(r.negative_prompt, r.classes) == list(r.classes)
+    cache = tmp_path / "prompts.llm-cache.jsonl"
+    saved = (tmp_path / "prompts.config.json").read_text()
+    assert cache.exists() and SECRET not in cache.read_text() and SECRET not in saved
+    assert json.loads(saved)["summary"]["llm"]["requests_sent"] == server.hits
+    assert all(a == f"Bearer {SECRET}" for a in server.authorizations)
+
+    # A second run asks nothing and writes the same file.
+    hits, first = server.hits, out.read_bytes()
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert server.hits == hits and out.read_bytes() == first
+
+
+def test_prompts_command_with_a_failing_endpoint_writes_no_output(server, tmp_path):
+    from typer.testing import CliRunner
+
+    from magicseg_engine.cli import app
+
+    server.respond = lambda call: Reply(status=503)
+    out = tmp_path / "prompts.jsonl"
+    result = CliRunner().invoke(app, ["prompts", "--source", "llm", "--classes", "voc", "--num", "3", "--out", str(out),
+                                      "--llm-base-url", server.url, "--llm-api-key-env", KEY_ENV,
+                                      "--llm-max-retries", "1", "--llm-timeout", "5"])
+    assert result.exit_code == 2
+    assert server.url in result.stderr and "HTTP 503" in result.stderr
+    assert server.hits == 2  # the request and its one retry
+    assert not out.exists() and not (tmp_path / "prompts.config.json").exists()

@@ -11,6 +11,16 @@ from pathlib import Path
 from magicseg_engine.errors import UsageError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; outputs get the usual permissions.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def check_writable_dir(path: Path) -> None:
     """Create `path` if needed; raise UsageError if it cannot hold new files."""
     try:
@@ -33,6 +43,7 @@ def atomic_output(path: Path, mode: str = "w", encoding: str | None = "utf-8") -
     check_writable_dir(path.parent if str(path.parent) else Path("."))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
             f.flush()

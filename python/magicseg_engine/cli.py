@@ -14,8 +14,17 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from magicseg_engine.errors import UsageError
 
@@ -49,11 +58,19 @@ def reports_usage_errors(command):
     return wrapper
 
 
-def progress_bar() -> Progress:
+class RateColumn(ProgressColumn):
+    """Items per second over rich's recent window, with the unit the task names."""
+
+    def render(self, task) -> Text:
+        unit = task.fields.get("unit", "it")
+        return Text(f"{task.speed:.2f} {unit}/s" if task.speed else f"-- {unit}/s", style="cyan")
+
+
+def progress_bar(transient: bool = True) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(),
-        console=stderr, transient=True,
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=stderr, transient=transient,
     )
 
 
@@ -100,6 +117,8 @@ def prompts(
     llm_model: Annotated[Optional[str], typer.Option("--llm-model", help="Chat model name.")] = None,
     llm_api_key_env: Annotated[Optional[str], typer.Option("--llm-api-key-env", help="Environment variable that holds the API key.")] = None,
     llm_concurrency: Annotated[Optional[int], typer.Option("--llm-concurrency", help="Requests in flight at once.")] = None,
+    llm_max_retries: Annotated[Optional[int], typer.Option("--llm-max-retries", help="Retries per request on 429, 5xx and timeouts.")] = None,
+    llm_timeout: Annotated[Optional[float], typer.Option("--llm-timeout", help="Seconds to wait for one reply.")] = None,
     llm_cache: Annotated[Optional[Path], typer.Option("--llm-cache", help="Cache of answered requests (default: beside --out).")] = None,
 ) -> None:
     """Write positive and counterfactual negative prompts as JSON lines."""
@@ -110,7 +129,8 @@ def prompts(
     from magicseg_engine.prompts import build_prompts, write_records
     from magicseg_engine.vocab import load_vocabulary
 
-    llm = {"base_url": llm_base_url, "model": llm_model, "api_key_env": llm_api_key_env, "concurrency": llm_concurrency}
+    llm = {"base_url": llm_base_url, "model": llm_model, "api_key_env": llm_api_key_env, "concurrency": llm_concurrency,
+           "max_retries": llm_max_retries, "timeout_s": llm_timeout}
     try:
         config = PromptsConfig(
             source=source.value, max_classes_per_sample=max_classes, negative_token=negative_token, seed=seed,
@@ -159,6 +179,160 @@ def prompts(
         + ")",
         highlight=False,
     )
+
+
+@app.command()
+@reports_usage_errors
+def generate(
+    out: Annotated[Path, typer.Option("--out", help="Run directory: shards, manifest, prompts and run.json.")],
+    preset: Annotated[str, typer.Option("--preset", help="tiny, sd15-random or sd15.")] = "tiny",
+    classes: Annotated[Optional[str], typer.Option("--classes", help="voc, context, coco-object, coco-stuff, or a class file.")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="Prompts to render (from `prompts`, or reference lines).")] = None,
+    num_pairs: Annotated[Optional[int], typer.Option("--num-pairs", help="Number of positive/negative pairs.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out, skipping finished pairs.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in --out.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per UNet call (halved automatically on out-of-memory).")] = 8,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps.")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
+    size: Annotated[Optional[tuple[int, int]], typer.Option("--size", help="Image height and width.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="ddim, dpm-solver++ or euler.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Run seed: classes, prompts, per-pair noise, random weights.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, float16 or bfloat16 (float32 on the CPU).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Diffusers folder or hub id (preset sd15).")] = None,
+    independent_noise: Annotated[bool, typer.Option("--independent-noise", help="Draw the negative's noise separately, as the reference did.")] = False,
+    max_classes: Annotated[int, typer.Option("--max-classes", help="At most this many classes per pair.")] = 2,
+    samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", help="Pairs per tar shard.")] = 256,
+    encode_workers: Annotated[int, typer.Option("--encode-workers", help="Threads that JPEG-encode images.")] = 4,
+) -> None:
+    """Render positive/negative image pairs with shared noise into resumable WebDataset shards."""
+    from magicseg_engine.config import load_preset
+    from magicseg_engine.pipeline import (
+        ExecutionOptions,
+        build_sampler,
+        generate_pairs,
+        open_run,
+        record_summary,
+        start_run,
+    )
+    from magicseg_engine.prompts import build_prompts
+    from magicseg_engine.vocab import load_vocabulary
+
+    if num_pairs is not None and num_pairs <= 0:
+        raise UsageError(f"--num-pairs must be a positive number, got {num_pairs}")
+    if batch_size <= 0 or samples_per_shard <= 0:
+        raise UsageError("--batch-size and --samples-per-shard must be positive")
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other; pick one")
+    device = _resolve_device(device)
+    config = load_preset(preset, {
+        "seed": seed,
+        "prompts": {"seed": seed, "max_classes_per_sample": max_classes,
+                    "source": "file" if prompts_file else "templates"},
+        "diffusion": {"steps": steps, "guidance": guidance, "scheduler": scheduler, "dtype": dtype, "model": model,
+                      "height": size[0] if size else None, "width": size[1] if size else None,
+                      "independent_noise": independent_noise or None},
+    })
+    records = None
+    if prompts_file is not None or classes is not None:
+        if prompts_file is None and num_pairs is None:
+            raise UsageError("--classes needs --num-pairs, the number of pairs to render")
+        vocab = load_vocabulary(classes) if classes else None
+        records = build_prompts(config.prompts, vocab=vocab, num=num_pairs, prompt_file=prompts_file).records
+    elif not resume:
+        raise UsageError("say what to render: --classes NAME|FILE with --num-pairs N, or --prompts FILE")
+    plan = open_run(out, config, records, resume, overwrite)
+    # Models load before the run directory is touched, so a bad --model leaves nothing behind.
+    sampler = build_sampler(config, device)
+    if plan.fresh:
+        start_run(out, config, plan.records)
+    records = plan.records
+
+    options = ExecutionOptions(device=device, batch_size=batch_size, samples_per_shard=samples_per_shard,
+                               encode_workers=encode_workers)
+    with progress_bar(transient=False) as bar:
+        task = bar.add_task(f"generate ({config.preset})", total=len(records), unit="pairs")
+        first = True
+
+        def advance(n: int, total: int) -> None:
+            nonlocal first
+            if first:  # pairs already on disk: shown as done, not counted in the rate
+                bar.reset(task, total=total, completed=n)
+                first = False
+            else:
+                bar.advance(task, n)
+
+        summary = generate_pairs(out, config, records, sampler, options, progress=advance)
+    record_summary(out, summary, {"device": device, "batch_size": batch_size})
+    stderr.print(
+        f"{summary.generated} pairs generated, {summary.already_done} were already done, "
+        f"{summary.pairs_per_second:.2f} pairs/s. Shards: {out / 'shards'}; "
+        f"read them with webdataset or `tar tf`.", highlight=False)
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Measure this engine against a baseline in the same run.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("generate")
+@reports_usage_errors
+def bench_generate_command(
+    preset: Annotated[str, typer.Option("--preset", help="tiny (CPU) or sd15-random (GPU).")] = "tiny",
+    pairs: Annotated[int, typer.Option("--pairs", help="Pairs rendered per timed repetition.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Engine pairs per UNet call.")] = 8,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps (preset default if unset).")] = None,
+    reps: Annotated[int, typer.Option("--reps", help="Timed repetitions (median reported).")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed repetitions first.")] = 1,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, float16 or bfloat16.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+) -> None:
+    """Pairs/s of the paired sampler against a batch-1 reference-style loop, same models."""
+    from magicseg_engine.atomic import atomic_write_text
+    from magicseg_engine.bench.generate import bench_generate
+    from magicseg_engine.config import load_preset
+    from magicseg_engine.pipeline import build_sampler
+    from magicseg_engine.prompts import build_prompts
+    from magicseg_engine.vocab import load_vocabulary
+
+    if min(pairs, batch_size, reps) <= 0 or warmup < 0:
+        raise UsageError("--pairs, --batch-size and --reps must be positive, --warmup not negative")
+    device = _resolve_device(device)
+    config = load_preset(preset, {"diffusion": {"steps": steps, "dtype": dtype}})
+    records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=pairs).records
+    sampler = build_sampler(config, device)
+    stderr.print(f"benchmarking {pairs} pairs on {device}: engine (batch {batch_size}) vs reference loop (batch 1)")
+    result = bench_generate(sampler, [r.prompt for r in records], [r.negative_prompt for r in records],
+                            [r.seed for r in records], batch_size, warmup=warmup, reps=reps)
+    result["settings"]["preset"] = preset
+    text = json.dumps(result, indent=2) + "\n"
+    if json_out:
+        atomic_write_text(json_out, text)
+    else:
+        sys.stdout.write(text)
+    frac = result["fraction_of_ceiling"]
+    stderr.print(
+        f"engine {result['engine']['pairs_per_s']:.3f} pairs/s, reference {result['reference']['pairs_per_s']:.3f} pairs/s: "
+        f"[bold]{result['speedup']:.2f}x[/]; UNet step {result['engine']['ms_per_unet_step']:.1f} ms "
+        f"({result['engine']['unet_rows_per_step']} rows) vs {result['reference']['ms_per_unet_step']:.1f} ms (2 rows); "
+        + (f"{100 * frac:.1f}% of the FLOP ceiling" if frac is not None else "no FLOP ceiling known for this device"),
+        highlight=False)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: only cpu and cuda are supported")
+    return device
 
 
 def main() -> None:

@@ -60,6 +60,8 @@ class DiffusionConfig(_Strict):
     guidance: float = Field(7.5, ge=0.0)
     scheduler: Literal["ddim", "dpm-solver++", "euler"] = "ddim"
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    # The reference sampled a negative from unrelated noise; kept to measure what sharing buys.
+    independent_noise: bool = False
 
     @field_validator("height", "width")
     @classmethod

@@ -1,0 +1,272 @@
+"""Compose the stages batch by batch: prompt records → paired images → WebDataset shards.
+
+The GPU (or CPU) thread only samples; JPEG encoding and shard writing run in a background
+thread with a small pool of encoders, behind a bounded queue, so the next batch denoises while
+the last one is written, and a slow disk slows generation down instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from magicseg_engine.atomic import atomic_write_text, check_writable_dir
+from magicseg_engine.config import RunConfig, library_versions
+from magicseg_engine.data.shards import MANIFEST, SHARDS_DIR, ShardWriter, finished_keys, sample_key
+from magicseg_engine.errors import UsageError
+from magicseg_engine.generate.models import load_diffusion, resolve_dtype
+from magicseg_engine.generate.sampler import PairBatch, PairedSampler, SamplingSettings
+from magicseg_engine.prompts.records import PromptRecord, read_records, write_records
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+PROMPTS_FILE = "prompts.jsonl"
+
+
+@dataclass
+class ExecutionOptions:
+    """How a run executes; none of it changes what a sample looks like."""
+
+    device: str = "cpu"
+    batch_size: int = 8
+    samples_per_shard: int = 256
+    encode_workers: int = 4
+    jpeg_quality: int = 95
+    writer_id: str = "0"
+
+
+@dataclass
+class GenerationSummary:
+    requested: int
+    already_done: int
+    generated: int
+    seconds: float
+    final_batch_size: int
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+# --- run directory --------------------------------------------------------------------
+
+def _comparable(config: RunConfig) -> dict:
+    return config.model_dump(mode="json")
+
+
+def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the leaves that differ between two nested dicts."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+@dataclass
+class RunPlan:
+    """What `open_run` decided: the records to render, and whether the directory must be (re)initialised."""
+
+    records: list[PromptRecord]
+    fresh: bool
+
+
+def open_run(out: Path, config: RunConfig, records: Sequence[PromptRecord] | None,
+             resume: bool, overwrite: bool) -> RunPlan:
+    """Decide what to do with `out` without writing anything.
+
+    A directory that already holds a run is reopened only with `resume` (and then its saved
+    configuration and prompts must match) or replaced with `overwrite`; anything else is
+    refused, so two different runs can never mix in one dataset.
+    """
+    run_file = out / RUN_FILE
+    if run_file.exists() and not overwrite:
+        if not resume:
+            raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        saved = json.loads(run_file.read_text(encoding="utf-8")).get("config", {})
+        ours = _comparable(config)
+        if saved != ours:
+            changed = _changed_fields(saved, ours)
+            raise UsageError(f"--resume: the settings differ from the run in {out} ({', '.join(changed)}); "
+                             "use the same flags, or --overwrite to start again")
+        saved_records = read_records(out / PROMPTS_FILE)
+        if records is not None and [r.id for r in records] != [r.id for r in saved_records]:
+            raise UsageError(f"--resume: the prompts differ from the run in {out}; use the same flags or --overwrite")
+        return RunPlan(saved_records, fresh=False)
+    if not run_file.exists() and out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} is not empty and holds no run; choose an empty or new directory")
+    if records is None:
+        raise UsageError("no prompts: pass --classes with --num-pairs, or --prompts")
+    return RunPlan(list(records), fresh=True)
+
+
+def start_run(out: Path, config: RunConfig, records: Sequence[PromptRecord]) -> None:
+    """Initialise `out` for a new run, removing the files of a run it held before."""
+    check_writable_dir(out)
+    for name in (SHARDS_DIR, ".locks"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (MANIFEST, RUN_FILE, PROMPTS_FILE):
+        (out / name).unlink(missing_ok=True)
+    write_records(out / PROMPTS_FILE, records)
+    # run.json last: its presence is what marks the directory as holding a run.
+    atomic_write_text(out / RUN_FILE, json.dumps({"config": _comparable(config), "versions": library_versions()},
+                                                 indent=2, sort_keys=True) + "\n")
+
+
+def record_summary(out: Path, summary: GenerationSummary, extra: dict) -> None:
+    """Add the latest timings to run.json without touching its configuration."""
+    path = out / RUN_FILE
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved.setdefault("sessions", []).append({
+        "requested": summary.requested, "already_done": summary.already_done,
+        "generated": summary.generated, "seconds": round(summary.seconds, 3),
+        "pairs_per_second": round(summary.pairs_per_second, 4),
+        "final_batch_size": summary.final_batch_size, **extra,
+    })
+    atomic_write_text(path, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+# --- encoding and writing --------------------------------------------------------------
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    buf = BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+class SampleSink:
+    """Encodes finished batches and hands them to the shard writer, off the sampling thread."""
+
+    def __init__(self, writer: ShardWriter, workers: int, jpeg_quality: int, max_pending: int = 2):
+        self.writer = writer
+        self.quality = jpeg_quality
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="encode")
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, items: list[tuple[str, dict]], batch: PairBatch) -> None:
+        """Queue one batch; blocks when `max_pending` batches are already waiting."""
+        self._raise_if_failed()
+        self.queue.put((items, batch))
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                items, batch = job
+                # PIL releases the GIL while it compresses, so the pool encodes in parallel.
+                pos = self.pool.map(lambda im: encode_jpeg(im, self.quality), batch.positives)
+                neg = self.pool.map(lambda im: encode_jpeg(im, self.quality), batch.negatives)
+                for (key, meta), pos_jpg, neg_jpg in zip(items, pos, neg):
+                    self.writer.add(key, {"pos.jpg": pos_jpg, "neg.jpg": neg_jpg,
+                                          "json": json.dumps(meta, sort_keys=True).encode()})
+            except BaseException as err:  # surfaced on the sampling thread
+                self.error = err
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.pool.shutdown()
+        self._raise_if_failed()
+
+
+# --- the run ---------------------------------------------------------------------------
+
+def sample_metadata(record: PromptRecord, key: str, model_id: str, config: RunConfig) -> dict:
+    d = config.diffusion
+    return {
+        "key": key, "prompt_id": record.id, "classes": list(record.classes),
+        "prompt": record.prompt, "negative_prompt": record.negative_prompt, "seed": record.seed,
+        "model": model_id, "preset": config.preset, "steps": d.steps, "guidance": d.guidance,
+        "scheduler": d.scheduler, "size": [d.height, d.width], "dtype": d.dtype,
+        "shared_noise": not d.independent_noise, "mask_source": "none",
+    }
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def build_sampler(config: RunConfig, device: str | torch.device) -> PairedSampler:
+    """Load the run's diffusion models and wrap them in a paired sampler."""
+    device = torch.device(device)
+    d = config.diffusion
+    dtype = resolve_dtype(d.dtype, device)
+    models = load_diffusion(d, device, dtype, seed=config.seed)
+    settings = SamplingSettings(height=d.height, width=d.width, steps=d.steps, guidance=d.guidance,
+                                scheduler=d.scheduler, independent_noise=d.independent_noise)
+    return PairedSampler(models, settings, device, dtype)
+
+
+def generate_pairs(out: Path, config: RunConfig, records: Sequence[PromptRecord], sampler: PairedSampler,
+                   options: ExecutionOptions,
+                   progress: Callable[[int, int], None] | None = None) -> GenerationSummary:
+    """Render every record's pair that the run does not hold yet and write it to shards.
+
+    `progress(done, total)` is called once with the work already on disk and after every batch.
+    """
+    start = time.perf_counter()
+    device = sampler.device
+    model_id = sampler.models.model_id
+    keyed = [(sample_key(model_id, r.prompt, r.negative_prompt, r.seed), r) for r in records]
+    done = finished_keys(out)
+    todo = [(k, r) for k, r in keyed if k not in done]
+    already = len(keyed) - len(todo)
+    if progress:
+        progress(already, len(keyed))
+
+    batch_size = max(1, options.batch_size)
+    generated = 0
+    with ShardWriter(out, options.samples_per_shard, options.writer_id) as writer:
+        sink = SampleSink(writer, options.encode_workers, options.jpeg_quality)
+        try:
+            i = 0
+            while i < len(todo):
+                chunk = todo[i:i + batch_size]
+                try:
+                    pairs = sampler([r.prompt for _, r in chunk], [r.negative_prompt for _, r in chunk],
+                                    [r.seed for _, r in chunk])
+                except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+                    if not _is_out_of_memory(err) or batch_size == 1:
+                        raise
+                    batch_size //= 2
+                    log.warning("out of memory at batch size %d; going on with %d", batch_size * 2, batch_size)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                items = [(k, sample_metadata(r, k, model_id, config)) for k, r in chunk]
+                sink.submit(items, pairs)
+                i += len(chunk)
+                generated += len(chunk)
+                if progress:
+                    progress(len(chunk), len(keyed))
+        finally:
+            sink.close()
+    return GenerationSummary(len(keyed), already, generated, time.perf_counter() - start, batch_size)

@@ -1,0 +1,241 @@
+import hashlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from typer.testing import CliRunner
+
+from magicseg_engine.cli import app
+from magicseg_engine.config import load_preset
+from magicseg_engine.data.shards import finished_keys, iter_samples, sample_key
+from magicseg_engine.generate.sampler import PairedSampler, SamplingSettings, initial_noise
+from magicseg_engine.pipeline import ExecutionOptions, build_sampler, generate_pairs, open_run, start_run
+from magicseg_engine.prompts import build_prompts
+from magicseg_engine.vocab import load_vocabulary
+
+TINY = load_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return build_sampler(TINY, "cpu")
+
+
+def records(num, seed=0):
+    config = TINY.prompts.model_copy(update={"seed": seed})
+    return build_prompts(config, vocab=load_vocabulary("voc"), num=num).records
+
+
+def run_dir_images(out):
+    return {s["__key__"]: (s["pos.jpg"], s["neg.jpg"], json.loads(s["json"])) for s in iter_samples(out)}
+
+
+# --- sampler -------------------------------------------------------------------------------
+
+def test_initial_noise_is_shared_per_pair_and_reproducible_per_seed():
+    pos, neg = initial_noise([5, 6], (4, 8, 8), independent=False)
+    assert torch.equal(pos, neg)
+    assert not torch.equal(pos[0], pos[1])
+    pos_again, _ = initial_noise([6], (4, 8, 8), independent=False)
+    assert torch.equal(pos_again[0], pos[1])  # a sample's noise does not depend on its batch
+    ipos, ineg = initial_noise([5], (4, 8, 8), independent=True)
+    assert torch.equal(ipos[0], pos[0]) and not torch.equal(ineg[0], pos[0])
+
+
+def test_identical_prompts_give_identical_twins_with_shared_noise(sampler):
+    batch = sampler(["a dog on a beach", "a cat"], ["a dog on a beach", "a cat"], [1, 2])
+    assert batch.positives.shape == (2, 64, 64, 3) and batch.positives.dtype == np.uint8
+    np.testing.assert_array_equal(batch.positives, batch.negatives)
+    assert not np.array_equal(batch.positives[0], batch.positives[1])
+
+
+def test_independent_noise_makes_twins_differ(sampler):
+    settings = SamplingSettings(**{**sampler.settings.__dict__, "independent_noise": True})
+    other = PairedSampler(sampler.models, settings, sampler.device, sampler.dtype)
+    batch = other(["a dog"], ["a dog"], [1])
+    assert np.abs(batch.positives.astype(int) - batch.negatives.astype(int)).mean() > 1
+
+
+def test_same_seed_same_pixels_and_batch_composition_barely_matters(sampler):
+    a = sampler(["a dog", "a cat", "a cow"], ["nothing", "nothing", "nothing"], [10, 11, 12])
+    b = sampler(["a dog", "a cat", "a cow"], ["nothing", "nothing", "nothing"], [10, 11, 12])
+    np.testing.assert_array_equal(a.positives, b.positives)
+    alone = sampler(["a cat"], ["nothing"], [11])
+    diff = np.abs(alone.positives[0].astype(int) - a.positives[1].astype(int))
+    assert diff.max() <= 2
+
+
+def test_guidance_off_uses_conditional_branch_only(sampler):
+    settings = SamplingSettings(**{**sampler.settings.__dict__, "guidance": 1.0})
+    plain = PairedSampler(sampler.models, settings, sampler.device, sampler.dtype)
+    calls = []
+    handle = sampler.models.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        plain(["a dog", "a cat"], ["nothing", "nothing"], [1, 2])
+        sampler(["a dog", "a cat"], ["nothing", "nothing"], [1, 2])
+    finally:
+        handle.remove()
+    steps = sampler.settings.steps
+    assert calls == [4] * steps + [8] * steps  # 2B rows without guidance, 4B with
+
+
+# --- pipeline -------------------------------------------------------------------------------
+
+def test_run_writes_every_pair_once_with_metadata(tmp_path, sampler):
+    recs = records(10)
+    start_run(tmp_path, TINY, recs)
+    summary = generate_pairs(tmp_path, TINY, recs, sampler, ExecutionOptions(batch_size=4, samples_per_shard=3))
+    assert summary.generated == 10 and summary.already_done == 0
+    samples = run_dir_images(tmp_path)
+    keys = {sample_key(sampler.models.model_id, r.prompt, r.negative_prompt, r.seed): r for r in recs}
+    assert set(samples) == set(keys)
+    for key, (pos, neg, meta) in samples.items():
+        r = keys[key]
+        assert Image.open(io.BytesIO(pos)).size == (64, 64) and Image.open(io.BytesIO(neg)).format == "JPEG"
+        assert meta["classes"] == list(r.classes) and meta["seed"] == r.seed
+        assert meta["prompt"] == r.prompt and meta["negative_prompt"] == r.negative_prompt
+        assert meta["steps"] == TINY.diffusion.steps and meta["size"] == [64, 64] and meta["shared_noise"]
+    for shard in (tmp_path / "shards").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            assert len(tar.getnames()) % 3 == 0
+    # A second call finds everything done and renders nothing.
+    again = generate_pairs(tmp_path, TINY, recs, sampler, ExecutionOptions(batch_size=4))
+    assert again.generated == 0 and again.already_done == 10
+
+
+def test_same_seed_same_shard_bytes(tmp_path, sampler):
+    digests = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        recs = records(4, seed=3)
+        start_run(out, TINY, recs)
+        generate_pairs(out, TINY, recs, sampler, ExecutionOptions(batch_size=2))
+        digests.append([hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "shards").glob("*.tar"))])
+    assert digests[0] == digests[1] and digests[0]
+
+
+class OutOfMemoryAbove:
+    """Wraps a sampler and fails like CUDA does when a batch is larger than `limit`."""
+
+    def __init__(self, inner, limit):
+        self.inner, self.limit, self.sizes = inner, limit, []
+        self.models, self.device = inner.models, inner.device
+
+    def __call__(self, prompts, negatives, seeds, hook=None):
+        self.sizes.append(len(prompts))
+        if len(prompts) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(prompts, negatives, seeds, hook)
+
+
+def test_out_of_memory_halves_the_batch_and_goes_on(tmp_path, sampler, caplog):
+    recs = records(12)
+    start_run(tmp_path, TINY, recs)
+    fake = OutOfMemoryAbove(sampler, limit=2)
+    with caplog.at_level(logging.WARNING):
+        summary = generate_pairs(tmp_path, TINY, recs, fake, ExecutionOptions(batch_size=8))
+    assert fake.sizes[:3] == [8, 4, 2]
+    assert summary.final_batch_size == 2 and summary.generated == 12
+    assert len(finished_keys(tmp_path)) == 12
+    assert "out of memory at batch size 8; going on with 4" in caplog.text
+
+
+def test_out_of_memory_at_batch_one_is_raised(tmp_path, sampler):
+    recs = records(2)
+    start_run(tmp_path, TINY, recs)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        generate_pairs(tmp_path, TINY, recs, OutOfMemoryAbove(sampler, limit=0), ExecutionOptions(batch_size=2))
+
+
+# --- resume after SIGKILL, in real processes ----------------------------------------------------
+
+def _generate(out, env_extra=None):
+    cmd = [str(Path(sys.executable).with_name("magicseg-engine")), "generate", "--preset", "tiny",
+           "--classes", "voc", "--num-pairs", "9", "--seed", "4", "--batch-size", "2",
+           "--samples-per-shard", "2", "--out", str(out), "--resume", "--device", "cpu"]
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_exactly_the_requested_pairs(tmp_path):
+    out = tmp_path / "run"
+    # Killed inside the shard protocol at three different points, one after the other...
+    for crash in ("before_rename:2", "before_manifest:1", "mid_manifest:2"):
+        proc = _generate(out, {"MAGICSEG_SHARDS_CRASH_AT": crash})
+        assert proc.returncode == -9, (crash, proc.stderr[-2000:])
+    # ...then resumed to the end.
+    proc = _generate(out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = load_preset("tiny", {"seed": 4, "prompts": {"seed": 4}})
+    recs = open_run(out, config, None, True, False).records
+    model_id = build_sampler(config, "cpu").models.model_id
+    expected = {sample_key(model_id, r.prompt, r.negative_prompt, r.seed) for r in recs}
+    assert len(expected) == 9
+    names = []
+    for shard in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            names += tar.getnames()
+        assert sum(1 for _ in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False)) >= 1
+    keys = [n.split(".", 1)[0] for n in names if n.endswith(".json")]
+    assert sorted(keys) == sorted(expected)  # each requested pair exactly once
+    assert not list(out.rglob("*.tmp"))
+    # The resumed images are the images an uninterrupted run makes (up to batch-size rounding).
+    clean = tmp_path / "clean"
+    assert _generate(clean).returncode == 0
+    got, want = run_dir_images(out), run_dir_images(clean)
+    assert set(got) == set(want)
+    for key in want:
+        a = np.asarray(Image.open(io.BytesIO(got[key][0])), dtype=int)
+        b = np.asarray(Image.open(io.BytesIO(want[key][0])), dtype=int)
+        assert np.abs(a - b).mean() < 1.0
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--size", 60, 64], "height: Value error, must be a multiple of 8"),
+        (["--steps", 0], "diffusion.steps: Input should be greater than 0"),
+        (["--preset", "sdxl"], "unknown preset 'sdxl'"),
+        (["--num-pairs", 0], "--num-pairs must be a positive number"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+        (["--preset", "sd15", "--model", "/nonexistent/model"], "/nonexistent/model"),
+    ],
+)
+def test_bad_flags_exit_2_and_leave_nothing(tmp_path, args, message):
+    out = tmp_path / "run"
+    base = ["generate", "--classes", "voc", "--num-pairs", 2, "--out", out]
+    result = invoke(*base, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert not out.exists()
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    base = ["generate", "--classes", "voc", "--num-pairs", 2, "--batch-size", 2, "--out", out, "--device", "cpu"]
+    assert invoke(*base).exit_code == 0
+    result = invoke(*base)
+    assert result.exit_code == 2 and "already holds a run" in result.stderr
+    result = invoke(*base, "--resume", "--steps", 2)
+    assert result.exit_code == 2 and "diffusion.steps" in result.stderr
+    result = invoke(*base, "--overwrite", "--seed", 1)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["config"]["seed"] == 1
+    assert len(finished_keys(out)) == 2
