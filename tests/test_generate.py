@@ -239,3 +239,24 @@ def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((out / "run.json").read_text())["config"]["seed"] == 1
     assert len(finished_keys(out)) == 2
+
+
+def test_generate_from_a_prompts_file_keeps_its_seeds(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    assert invoke("prompts", "--classes", "coco-object", "--num", 3, "--seed", 9, "--out", prompts).exit_code == 0
+    out = tmp_path / "run"
+    result = invoke("generate", "--prompts", prompts, "--out", out, "--batch-size", 3, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    wanted = {json.loads(line)["seed"]: json.loads(line) for line in prompts.read_text().splitlines()}
+    got = {meta["seed"]: meta for _, _, meta in run_dir_images(out).values()}
+    assert set(got) == set(wanted) == {9 * 2**32, 9 * 2**32 + 1, 9 * 2**32 + 2}
+    for seed, meta in got.items():
+        assert meta["prompt"] == wanted[seed]["prompt"] and meta["prompt_id"] == wanted[seed]["id"]
+
+
+def test_classes_without_a_count_is_a_usage_error(tmp_path):
+    result = invoke("generate", "--classes", "voc", "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "--classes needs --num-pairs" in result.stderr
+    result = invoke("generate", "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "say what to render" in result.stderr
+    assert not (tmp_path / "run").exists()
