@@ -1,0 +1,119 @@
+"""The class-attention Triton kernel against its torch reference.
+
+On machines without a GPU the kernel runs under TRITON_INTERPRET=1 (set by conftest.py).
+Both sides compute in float32 from the same input values, so they differ only by summation
+order and exp rounding: tolerances are atol 2e-6 / rtol 1e-5 on probabilities in [0, 1].
+"""
+
+import pytest
+import torch
+
+from magicseg_engine.kernels.attention_capture import class_attention, class_attention_reference
+
+ATOL, RTOL = 2e-6, 1e-5
+L = 77  # CLIP's context length, as in Stable Diffusion
+
+
+def make_inputs(r, h, n, d, c, t, dtype=torch.float32, seed=0, device="cpu", length=L):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(r, h, n, d, generator=gen)
+    k = torch.randn(r, h, length, d, generator=gen)
+    # Ragged token lists: each class gets 0..t distinct positions, padding (-1) anywhere.
+    index = torch.full((r, c, t), -1, dtype=torch.int32)
+    for i in range(r):
+        for j in range(c):
+            count = int(torch.randint(0, t + 1, (1,), generator=gen))
+            index[i, j, torch.randperm(t, generator=gen)[:count]] = torch.randperm(length, generator=gen)[:count].int()
+    index[0, 0] = -1  # always one class with no tokens
+    return q.to(device, dtype), k.to(device, dtype), index.to(device)
+
+
+SHAPES = [
+    # r, h, n, d, c, t
+    (1, 1, 1, 40, 1, 1),
+    (2, 8, 37, 40, 3, 4),
+    (1, 4, 65, 64, 5, 8),
+    (3, 2, 67, 80, 2, 3),
+    (2, 5, 16, 64, 4, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "r{}h{}n{}d{}c{}t{}".format(*s))
+def test_kernel_matches_reference(shape, dtype):
+    q, k, index = make_inputs(*shape, dtype=dtype)
+    scale = shape[3] ** -0.5
+    got = class_attention(q, k, index, scale)
+    want = class_attention_reference(q, k, index, scale)
+    assert got.dtype == torch.float32 and got.shape == (shape[0], shape[4], shape[2])
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    assert torch.equal(got[0, 0], torch.zeros_like(got[0, 0]))  # the class with no tokens
+
+
+def test_reference_is_a_probability_mass():
+    q, k, _ = make_inputs(2, 3, 10, 40, 1, 1)
+    everything = torch.arange(L, dtype=torch.int32).expand(2, 1, L)
+    for fn in (class_attention_reference, class_attention):
+        torch.testing.assert_close(fn(q, k, everything, 0.2), torch.ones(2, 1, 10), atol=ATOL, rtol=RTOL)
+    # Two classes splitting the tokens share the mass.
+    halves = torch.stack([torch.arange(0, 38), torch.arange(38, 76)]).int().expand(2, 2, 38)
+    split = class_attention(q, k, halves, 0.2)
+    assert torch.all(split.sum(1) < 1) and torch.all(split > 0)
+
+
+def test_strided_head_split_views_and_large_logits():
+    # The UNet hands over q as [B, N, H*D] viewed as [B, H, N, D]; no copy is made for the kernel.
+    gen = torch.Generator().manual_seed(1)
+    r, h, n, d = 2, 4, 23, 40
+    q = (torch.randn(r, n, h * d, generator=gen) * 8).view(r, n, h, d).transpose(1, 2)
+    k = (torch.randn(r, L, h * d, generator=gen) * 8).view(r, L, h, d).transpose(1, 2)
+    assert not q.is_contiguous()
+    index = torch.tensor([[[5, 6, -1], [-1, -1, 9]], [[1, -1, -1], [70, 71, 76]]], dtype=torch.int32)
+    torch.testing.assert_close(class_attention(q, k, index, d**-0.5), class_attention_reference(q, k, index, d**-0.5),
+                               atol=ATOL, rtol=RTOL)
+
+
+def test_accumulates_into_out_with_weight():
+    q, k, index = make_inputs(2, 3, 31, 64, 3, 4, seed=3)
+    ref = class_attention_reference(q, k, index, 0.125)
+    start = torch.rand(2, 3, 31)
+    out = start.clone()
+    returned = class_attention(q, k, index, 0.125, out=out, weight=0.25)
+    assert returned is out
+    torch.testing.assert_close(out, start + 0.25 * ref, atol=ATOL, rtol=RTOL)
+    class_attention(q, k, index, 0.125, out=out, weight=2.0)
+    torch.testing.assert_close(out, start + 2.25 * ref, atol=ATOL, rtol=RTOL)
+    # Without `out` the result is scaled the same way, into a fresh tensor.
+    torch.testing.assert_close(class_attention(q, k, index, 0.125, weight=0.5), 0.5 * ref, atol=ATOL, rtol=RTOL)
+
+
+def test_accumulates_into_a_slice_of_a_larger_buffer():
+    # Positive and negative rows are written into the two halves of one buffer.
+    q, k, index = make_inputs(2, 2, 9, 40, 2, 2, seed=4)
+    buf = torch.zeros(4, 2, 9)
+    class_attention(q, k, index, 0.1, out=buf[2:])
+    assert torch.equal(buf[:2], torch.zeros(2, 2, 9))
+    torch.testing.assert_close(buf[2:], class_attention_reference(q, k, index, 0.1), atol=ATOL, rtol=RTOL)
+
+
+def test_rejects_mismatched_arguments():
+    q, k, index = make_inputs(2, 2, 9, 40, 2, 2)
+    with pytest.raises(ValueError):
+        class_attention(q, k[:1], index, 0.1)
+    with pytest.raises(ValueError):
+        class_attention(q, k, index[:, :, 0], 0.1)
+    with pytest.raises(ValueError):
+        class_attention(q, k, index, 0.1, out=torch.zeros(2, 2, 9, dtype=torch.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(4, 8, 1024, 40, 3, 4), (4, 8, 256, 80, 8, 8), (2, 8, 64, 160, 2, 8),
+                                   (3, 5, 4097, 64, 5, 3)], ids=lambda s: "r{}h{}n{}d{}c{}t{}".format(*s))
+def test_compiled_kernel_matches_reference_on_gpu(shape, dtype):
+    q, k, index = make_inputs(*shape, dtype=dtype, device="cuda")
+    scale = shape[3] ** -0.5
+    out = torch.rand(shape[0], shape[4], shape[2], device="cuda")
+    want = out + 0.5 * class_attention_reference(q, k, index, scale)
+    class_attention(q, k, index, scale, out=out, weight=0.5)
+    torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
