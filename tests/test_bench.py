@@ -52,3 +52,17 @@ def test_cli_writes_json(tmp_path):
 def test_cli_rejects_bad_numbers():
     result = CliRunner().invoke(app, ["bench", "generate", "--pairs", "0"])
     assert result.exit_code == 2 and "--pairs" in result.stderr
+
+
+def test_masks_benchmark_reports_capture_overhead_and_sam_speedup(tmp_path):
+    out = tmp_path / "masks.json"
+    result = CliRunner().invoke(app, ["bench", "masks", "--pairs", "2", "--reps", "1", "--warmup", "0",
+                                      "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    capture, sam = data["capture"], data["sam"]
+    assert capture["layers"] > 0 and capture["kernel"] == "torch reference"
+    assert capture["overhead"] == pytest.approx(
+        capture["with_capture"]["median_s"] / capture["without_capture"]["median_s"] - 1)
+    assert sam["images"] == 2 and sam["speedup"] == pytest.approx(
+        sam["one_by_one"]["median_s"] / sam["batched"]["median_s"])

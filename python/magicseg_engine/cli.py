@@ -95,6 +95,20 @@ def doctor(
     stdout.print(table)
 
 
+class MaskSource(str, Enum):
+    attention = "attention"
+    none = "none"
+
+
+def _parse_threshold(text: str | None) -> float | str | None:
+    if text is None or text == "otsu":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--mask-threshold {text!r}: use otsu or a number in (0, 1)") from None
+
+
 class Source(str, Enum):
     templates = "templates"
     llm = "llm"
@@ -204,11 +218,19 @@ def generate(
     max_classes: Annotated[int, typer.Option("--max-classes", help="At most this many classes per pair.")] = 2,
     samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", help="Pairs per tar shard.")] = 256,
     encode_workers: Annotated[int, typer.Option("--encode-workers", help="Threads that JPEG-encode images.")] = 4,
+    mask_source: Annotated[Optional[MaskSource], typer.Option("--mask-source", help="Where masks come from.")] = None,
+    no_sam: Annotated[bool, typer.Option("--no-sam", help="Masks from attention alone, without SAM refinement.")] = False,
+    sam_model: Annotated[Optional[str], typer.Option("--sam-model", help="tiny, vit_b, vit_l or vit_h (preset default if unset).")] = None,
+    sam_checkpoint: Annotated[Optional[str], typer.Option("--sam-checkpoint", help="segment-anything .pth matching --sam-model.")] = None,
+    mask_threshold: Annotated[Optional[str], typer.Option("--mask-threshold", help="otsu, or a fixed value in (0, 1).")] = None,
+    max_counterfactual_coverage: Annotated[Optional[float], typer.Option("--max-counterfactual-coverage", help="Flag pairs whose negative still covers more of a class mask.")] = None,
+    drop_failed_pairs: Annotated[bool, typer.Option("--drop-failed-pairs", help="Drop pairs that fail the counterfactual check instead of flagging them.")] = False,
 ) -> None:
-    """Render positive/negative image pairs with shared noise into resumable WebDataset shards."""
+    """Render positive/negative image pairs with shared noise, and their masks, into resumable WebDataset shards."""
     from magicseg_engine.config import load_preset
     from magicseg_engine.pipeline import (
         ExecutionOptions,
+        build_mask_stage,
         build_sampler,
         generate_pairs,
         open_run,
@@ -232,6 +254,11 @@ def generate(
         "diffusion": {"steps": steps, "guidance": guidance, "scheduler": scheduler, "dtype": dtype, "model": model,
                       "height": size[0] if size else None, "width": size[1] if size else None,
                       "independent_noise": independent_noise or None},
+        "sam": {"model_type": sam_model, "checkpoint": sam_checkpoint},
+        "masks": {"source": mask_source.value if mask_source else None, "refine_with_sam": False if no_sam else None,
+                  "threshold": _parse_threshold(mask_threshold),
+                  "max_counterfactual_coverage": max_counterfactual_coverage,
+                  "drop_failed_pairs": drop_failed_pairs or None},
     })
     records = None
     if prompts_file is not None or classes is not None:
@@ -244,6 +271,7 @@ def generate(
     plan = open_run(out, config, records, resume, overwrite)
     # Models load before the run directory is touched, so a bad --model leaves nothing behind.
     sampler = build_sampler(config, device)
+    masks = build_mask_stage(config, sampler)
     if plan.fresh:
         start_run(out, config, plan.records)
     records = plan.records
@@ -262,12 +290,99 @@ def generate(
             else:
                 bar.advance(task, n)
 
-        summary = generate_pairs(out, config, records, sampler, options, progress=advance)
+        summary = generate_pairs(out, config, records, sampler, options, progress=advance, masks=masks)
     record_summary(out, summary, {"device": device, "batch_size": batch_size})
+    checked = ""
+    if masks is not None:
+        verb = "dropped" if config.masks.drop_failed_pairs else "flagged"
+        checked = f" {summary.flagged + summary.dropped} failed the counterfactual check ({verb})."
     stderr.print(
         f"{summary.generated} pairs generated, {summary.already_done} were already done, "
-        f"{summary.pairs_per_second:.2f} pairs/s. Shards: {out / 'shards'}; "
+        f"{summary.pairs_per_second:.2f} pairs/s.{checked} Shards: {out / 'shards'}; "
         f"read them with webdataset or `tar tf`.", highlight=False)
+
+
+@app.command()
+@reports_usage_errors
+def masks(
+    data: Annotated[Path, typer.Option("--data", help="A run directory written by generate.")],
+    out: Annotated[Path, typer.Option("--out", help="New run directory: the same pairs with new masks.")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted re-annotation in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in --out.")] = False,
+    no_sam: Annotated[bool, typer.Option("--no-sam", help="Masks from attention alone.")] = False,
+    sam_model: Annotated[Optional[str], typer.Option("--sam-model", help="tiny, vit_b, vit_l or vit_h.")] = None,
+    sam_checkpoint: Annotated[Optional[str], typer.Option("--sam-checkpoint", help="segment-anything .pth.")] = None,
+    mask_threshold: Annotated[Optional[str], typer.Option("--mask-threshold", help="otsu, or a fixed value in (0, 1).")] = None,
+    max_counterfactual_coverage: Annotated[Optional[float], typer.Option("--max-counterfactual-coverage")] = None,
+    drop_failed_pairs: Annotated[bool, typer.Option("--drop-failed-pairs")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per SAM batch.")] = 8,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Annotate an existing run again (new thresholds, SAM, checks) without re-rendering or re-encoding images."""
+    from magicseg_engine.config import with_overrides
+    from magicseg_engine.generate.models import resolve_dtype
+    from magicseg_engine.pipeline import (
+        PROMPTS_FILE,
+        RUN_FILE,
+        ExecutionOptions,
+        build_annotator,
+        open_run,
+        reannotate_run,
+        record_summary,
+        start_run,
+    )
+    from magicseg_engine.prompts import read_records
+
+    if batch_size <= 0:
+        raise UsageError("--batch-size must be positive")
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other; pick one")
+    if data.resolve() == out.resolve():
+        raise UsageError("--out must differ from --data: the source run is read, never rewritten")
+    if not (data / RUN_FILE).exists():
+        raise UsageError(f"{data} holds no run (no {RUN_FILE}); pass a directory written by generate")
+    device = _resolve_device(device)
+    saved = json.loads((data / RUN_FILE).read_text(encoding="utf-8"))["config"]
+    if saved.get("masks", {}).get("source") == "none":
+        raise UsageError(f"{data} was generated with --mask-source none and holds no attention maps; "
+                         "generate it again with masks on")
+    overrides = {
+        "sam": {"model_type": sam_model, "checkpoint": sam_checkpoint},
+        "masks": {"source": "attention", "refine_with_sam": False if no_sam else None,
+                  "threshold": _parse_threshold(mask_threshold),
+                  "max_counterfactual_coverage": max_counterfactual_coverage,
+                  "drop_failed_pairs": drop_failed_pairs or None},
+    }
+    config = with_overrides(saved, overrides, f"the run in {data}")
+    plan = open_run(out, config, read_records(data / PROMPTS_FILE), resume, overwrite)
+    annotator = build_annotator(config, torch_device(device), resolve_dtype(config.diffusion.dtype, device))
+    if plan.fresh:
+        start_run(out, config, plan.records)
+    options = ExecutionOptions(device=device, batch_size=batch_size)
+    with progress_bar(transient=False) as bar:
+        task = bar.add_task("masks", total=None, unit="pairs")
+        first = True
+
+        def advance(n: int, total: int) -> None:
+            nonlocal first
+            if first:
+                bar.reset(task, total=total, completed=n)
+                first = False
+            else:
+                bar.advance(task, n)
+
+        summary = reannotate_run(data, out, config, annotator, options, progress=advance)
+    record_summary(out, summary, {"device": device, "batch_size": batch_size, "annotated_from": str(data)})
+    verb = "dropped" if config.masks.drop_failed_pairs else "flagged"
+    stderr.print(f"{summary.generated} pairs annotated, {summary.already_done} were already done; "
+                 f"{summary.flagged + summary.dropped} failed the counterfactual check ({verb}). Shards: {out / 'shards'}",
+                 highlight=False)
+
+
+def torch_device(device: str):
+    import torch
+
+    return torch.device(device)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure this engine against a baseline in the same run.")
@@ -317,6 +432,45 @@ def bench_generate_command(
         f"({result['engine']['unet_rows_per_step']} rows) vs {result['reference']['ms_per_unet_step']:.1f} ms (2 rows); "
         + (f"{100 * frac:.1f}% of the FLOP ceiling" if frac is not None else "no FLOP ceiling known for this device"),
         highlight=False)
+
+
+@bench_app.command("masks")
+@reports_usage_errors
+def bench_masks_command(
+    preset: Annotated[str, typer.Option("--preset", help="tiny (CPU) or sd15-random (GPU).")] = "tiny",
+    pairs: Annotated[int, typer.Option("--pairs", help="Pairs in the measured batch.")] = 4,
+    reps: Annotated[int, typer.Option("--reps", help="Timed repetitions (median reported).")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed repetitions first.")] = 1,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+) -> None:
+    """Attention-capture overhead on the UNet, and batched SAM against one prompt at a time."""
+    from magicseg_engine.atomic import atomic_write_text
+    from magicseg_engine.bench.masks import bench_masks
+    from magicseg_engine.config import load_preset
+    from magicseg_engine.masks.sam import SamRefiner, build_sam
+    from magicseg_engine.pipeline import build_sampler
+    from magicseg_engine.prompts import build_prompts
+    from magicseg_engine.vocab import load_vocabulary
+
+    if min(pairs, reps) <= 0 or warmup < 0:
+        raise UsageError("--pairs and --reps must be positive, --warmup not negative")
+    device = _resolve_device(device)
+    config = load_preset(preset)
+    records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=pairs).records
+    sampler = build_sampler(config, device)
+    refiner = SamRefiner(build_sam(config.sam.model_type, config.sam.checkpoint, device=device,
+                                   dtype=sampler.dtype, seed=config.seed))
+    result = bench_masks(sampler, refiner, [r.prompt for r in records], [r.negative_prompt for r in records],
+                         [r.seed for r in records], [tuple(r.classes) for r in records], warmup=warmup, reps=reps)
+    result["settings"] = {"preset": preset, "pairs": pairs, "warmup": warmup}
+    text = json.dumps(result, indent=2) + "\n"
+    if json_out:
+        atomic_write_text(json_out, text)
+    else:
+        sys.stdout.write(text)
+    stderr.print(f"capture overhead {100 * result['capture']['overhead']:.1f}% ({result['capture']['kernel']}); "
+                 f"SAM batched {result['sam']['speedup']:.2f}x faster than one at a time", highlight=False)
 
 
 def _resolve_device(device: str) -> str:

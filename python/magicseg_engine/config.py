@@ -85,12 +85,50 @@ class SamConfig(_Strict):
     checkpoint: str | None = None
 
 
+class MaskConfig(_Strict):
+    """How each image becomes a per-class label map, and how counterfactual pairs are checked."""
+
+    source: Literal["attention", "none"] = "attention"
+    refine_with_sam: bool = True
+    # Part of the sampling schedule whose cross-attention is read, as fractions [lo, hi).
+    capture_steps: tuple[float, float] = (0.0, 1.0)
+    threshold: float | Literal["otsu"] = "otsu"
+    positive_points: int = Field(1, ge=0, le=8)
+    negative_points: int = Field(1, ge=0, le=8)
+    # Regions and holes below these fractions of the image area are noise, not objects.
+    min_region_fraction: float = Field(0.002, ge=0.0, lt=1.0)
+    max_hole_fraction: float = Field(0.002, ge=0.0, lt=1.0)
+    # Where class masks overlap: the smaller class wins, so an object on a large one stays visible.
+    merge_rule: Literal["smaller", "score"] = "smaller"
+    # A pair passes when its negative still covers at most this much of any positive class mask.
+    max_counterfactual_coverage: float = Field(0.5, ge=0.0, le=1.0)
+    drop_failed_pairs: bool = False
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_in_unit_range(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and not 0.0 < v < 1.0:
+            raise ValueError(f"a fixed threshold must lie in (0, 1), got {v}")
+        return v
+
+
 class RunConfig(_Strict):
     preset: str
     seed: int = Field(0, ge=0, lt=2**31)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     diffusion: DiffusionConfig
     sam: SamConfig
+    masks: MaskConfig = Field(default_factory=MaskConfig)
+
+    @model_validator(mode="after")
+    def _real_images_need_real_sam(self) -> RunConfig:
+        # Random SAM weights on real images would write plausible-looking but meaningless masks.
+        m = self.masks
+        if (self.diffusion.weights == "pretrained" and m.source != "none" and m.refine_with_sam
+                and not self.sam.checkpoint):
+            raise ValueError("real diffusion weights need real SAM weights: pass --sam-checkpoint "
+                             "(a segment-anything .pth) or --no-sam")
+        return self
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -141,11 +179,15 @@ def load_preset(name: str, overrides: dict[str, Any] | None = None) -> RunConfig
     """The preset `name` with `overrides` (a nested dict, None values ignored) applied."""
     if name not in PRESETS:
         raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    cleaned = _drop_none(overrides or {})
+    return with_overrides(PRESETS[name], overrides, f"preset {name!r}")
+
+
+def with_overrides(base: dict[str, Any], overrides: dict[str, Any] | None, what: str) -> RunConfig:
+    """`base` (a RunConfig as a dict) with `overrides` applied and validated; `what` names it in errors."""
     try:
-        return RunConfig.model_validate(_merge(PRESETS[name], cleaned))
+        return RunConfig.model_validate(_merge(base, _drop_none(overrides or {})))
     except ValidationError as err:
-        raise UsageError(f"invalid configuration for preset {name!r}: {describe_validation_error(err)}") from None
+        raise UsageError(f"invalid configuration for {what}: {describe_validation_error(err)}") from None
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:

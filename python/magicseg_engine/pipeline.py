@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -25,9 +26,12 @@ from PIL import Image
 
 from magicseg_engine.atomic import atomic_write_text, check_writable_dir
 from magicseg_engine.config import RunConfig, library_versions
-from magicseg_engine.data.shards import MANIFEST, SHARDS_DIR, ShardWriter, finished_keys, sample_key
+from magicseg_engine.data.shards import MANIFEST, SHARDS_DIR, ShardWriter, finished_keys, iter_samples, sample_key
 from magicseg_engine.errors import UsageError
+from magicseg_engine.generate.attention import AttentionCapture
 from magicseg_engine.generate.models import load_diffusion, resolve_dtype
+from magicseg_engine.masks.annotate import MaskAnnotator, PairAnnotation
+from magicseg_engine.masks.sam import SamRefiner, build_sam
 from magicseg_engine.generate.sampler import PairBatch, PairedSampler, SamplingSettings
 from magicseg_engine.prompts.records import PromptRecord, read_records, write_records
 
@@ -35,6 +39,8 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 PROMPTS_FILE = "prompts.jsonl"
+# Pairs that failed the counterfactual check and were dropped: finished, but in no shard.
+DROPPED_FILE = "dropped.jsonl"
 
 
 @dataclass
@@ -56,6 +62,9 @@ class GenerationSummary:
     generated: int
     seconds: float
     final_batch_size: int
+    written: int = 0
+    flagged: int = 0
+    dropped: int = 0
 
     @property
     def pairs_per_second(self) -> float:
@@ -122,7 +131,7 @@ def start_run(out: Path, config: RunConfig, records: Sequence[PromptRecord]) -> 
     check_writable_dir(out)
     for name in (SHARDS_DIR, ".locks"):
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in (MANIFEST, RUN_FILE, PROMPTS_FILE):
+    for name in (MANIFEST, RUN_FILE, PROMPTS_FILE, DROPPED_FILE):
         (out / name).unlink(missing_ok=True)
     write_records(out / PROMPTS_FILE, records)
     # run.json last: its presence is what marks the directory as holding a run.
@@ -138,7 +147,8 @@ def record_summary(out: Path, summary: GenerationSummary, extra: dict) -> None:
         "requested": summary.requested, "already_done": summary.already_done,
         "generated": summary.generated, "seconds": round(summary.seconds, 3),
         "pairs_per_second": round(summary.pairs_per_second, 4),
-        "final_batch_size": summary.final_batch_size, **extra,
+        "final_batch_size": summary.final_batch_size, "written": summary.written,
+        "flagged": summary.flagged, "dropped": summary.dropped, **extra,
     })
     atomic_write_text(path, json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
@@ -151,11 +161,76 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def encode_png(label_map: np.ndarray) -> bytes:
+    buf = BytesIO()
+    Image.fromarray(label_map, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_attention(maps: torch.Tensor) -> bytes:
+    """One pair's maps [2, C, h, w] as float16 .npy: enough to annotate again without the UNet."""
+    buf = BytesIO()
+    np.save(buf, maps.detach().to("cpu", torch.float16).numpy())
+    return buf.getvalue()
+
+
+def decode_attention(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.load(BytesIO(data), allow_pickle=False).astype(np.float32))
+
+
+def dropped_keys(out: Path) -> set[str]:
+    path = out / DROPPED_FILE
+    if not path.exists():
+        return set()
+    keys = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            keys.add(json.loads(line)["key"])
+        except (json.JSONDecodeError, KeyError):
+            continue  # a torn last line: that pair is simply redone
+    return keys
+
+
+def log_dropped(out: Path, key: str, reason: str) -> None:
+    fd = os.open(out / DROPPED_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, (json.dumps({"key": key, "reason": reason}) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PairWriter:
+    """The one place that decides what a pair's sample holds and whether it is kept."""
+
+    def __init__(self, writer: ShardWriter, drop_failed: bool):
+        self.writer = writer
+        self.drop_failed = drop_failed
+        self.counts = {"written": 0, "flagged": 0, "dropped": 0}
+
+    def write(self, key: str, meta: dict, pos_jpg: bytes, neg_jpg: bytes,
+              note: PairAnnotation | None = None, attention: bytes | None = None) -> None:
+        files = {"pos.jpg": pos_jpg, "neg.jpg": neg_jpg}
+        if note is not None:
+            meta = {**meta, "masks": note.metadata()}
+            files["attn.npy"] = attention if attention is not None else encode_attention(note.maps)
+            files["mask.png"] = encode_png(note.label_map)
+            if not note.counterfactual["passed"]:
+                if self.drop_failed:
+                    log_dropped(self.writer.run_dir, key, note.counterfactual["reason"])
+                    self.counts["dropped"] += 1
+                    return
+                self.counts["flagged"] += 1
+        files["json"] = json.dumps(meta, sort_keys=True).encode()
+        self.writer.add(key, files)
+        self.counts["written"] += 1
+
+
 class SampleSink:
     """Encodes finished batches and hands them to the shard writer, off the sampling thread."""
 
-    def __init__(self, writer: ShardWriter, workers: int, jpeg_quality: int, max_pending: int = 2):
-        self.writer = writer
+    def __init__(self, pairs: PairWriter, workers: int, jpeg_quality: int, max_pending: int = 2):
+        self.pairs = pairs
         self.quality = jpeg_quality
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="encode")
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
@@ -163,10 +238,11 @@ class SampleSink:
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
-    def submit(self, items: list[tuple[str, dict]], batch: PairBatch) -> None:
+    def submit(self, items: list[tuple[str, dict]], batch: PairBatch,
+               annotations: list[PairAnnotation] | None = None) -> None:
         """Queue one batch; blocks when `max_pending` batches are already waiting."""
         self._raise_if_failed()
-        self.queue.put((items, batch))
+        self.queue.put((items, batch, annotations))
 
     def _run(self) -> None:
         while True:
@@ -176,15 +252,17 @@ class SampleSink:
             if self.error is not None:
                 continue
             try:
-                items, batch = job
-                # PIL releases the GIL while it compresses, so the pool encodes in parallel.
-                pos = self.pool.map(lambda im: encode_jpeg(im, self.quality), batch.positives)
-                neg = self.pool.map(lambda im: encode_jpeg(im, self.quality), batch.negatives)
-                for (key, meta), pos_jpg, neg_jpg in zip(items, pos, neg):
-                    self.writer.add(key, {"pos.jpg": pos_jpg, "neg.jpg": neg_jpg,
-                                          "json": json.dumps(meta, sort_keys=True).encode()})
+                self._write(*job)
             except BaseException as err:  # surfaced on the sampling thread
                 self.error = err
+
+    def _write(self, items: list[tuple[str, dict]], batch: PairBatch,
+               annotations: list[PairAnnotation] | None) -> None:
+        # PIL releases the GIL while it compresses, so the pool encodes in parallel.
+        pos = list(self.pool.map(lambda im: encode_jpeg(im, self.quality), batch.positives))
+        neg = list(self.pool.map(lambda im: encode_jpeg(im, self.quality), batch.negatives))
+        for i, (key, meta) in enumerate(items):
+            self.pairs.write(key, meta, pos[i], neg[i], annotations[i] if annotations else None)
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
@@ -199,6 +277,13 @@ class SampleSink:
 
 # --- the run ---------------------------------------------------------------------------
 
+def mask_source(config: RunConfig) -> str:
+    m = config.masks
+    if m.source == "none":
+        return "none"
+    return "attention+sam" if m.refine_with_sam else "attention"
+
+
 def sample_metadata(record: PromptRecord, key: str, model_id: str, config: RunConfig) -> dict:
     d = config.diffusion
     return {
@@ -206,7 +291,7 @@ def sample_metadata(record: PromptRecord, key: str, model_id: str, config: RunCo
         "prompt": record.prompt, "negative_prompt": record.negative_prompt, "seed": record.seed,
         "model": model_id, "preset": config.preset, "steps": d.steps, "guidance": d.guidance,
         "scheduler": d.scheduler, "size": [d.height, d.width], "dtype": d.dtype,
-        "shared_noise": not d.independent_noise, "mask_source": "none",
+        "shared_noise": not d.independent_noise, "mask_source": mask_source(config),
     }
 
 
@@ -225,9 +310,48 @@ def build_sampler(config: RunConfig, device: str | torch.device) -> PairedSample
     return PairedSampler(models, settings, device, dtype)
 
 
+@dataclass
+class MaskStage:
+    """Attention capture during sampling and the annotator that turns its maps into masks."""
+
+    capture: AttentionCapture
+    annotator: MaskAnnotator
+
+    def run(self, sampler: PairedSampler, records: Sequence[PromptRecord]) -> tuple[PairBatch, list[PairAnnotation]]:
+        classes = [tuple(r.classes) for r in records]
+        self.capture.set_prompts([r.prompt for r in records], classes)
+        with self.capture.installed():
+            pairs = sampler([r.prompt for r in records], [r.negative_prompt for r in records],
+                            [r.seed for r in records], hook=self.capture)
+        t0 = time.perf_counter()
+        maps = self.capture.maps()
+        annotations = self.annotator(pairs.positives, maps, classes)
+        for note, pair_maps, names in zip(annotations, maps, classes):
+            note.maps = pair_maps[:, : len(names)]
+        pairs.timings["masks_s"] = time.perf_counter() - t0
+        return pairs, annotations
+
+
+def build_annotator(config: RunConfig, device: torch.device, dtype: torch.dtype) -> MaskAnnotator:
+    refiner = None
+    if config.masks.refine_with_sam:
+        sam = build_sam(config.sam.model_type, config.sam.checkpoint, device=device, dtype=dtype, seed=config.seed)
+        refiner = SamRefiner(sam)
+    return MaskAnnotator(config.masks, refiner)
+
+
+def build_mask_stage(config: RunConfig, sampler: PairedSampler) -> MaskStage | None:
+    """The run's mask stage, or None when masks are off."""
+    if config.masks.source == "none":
+        return None
+    capture = AttentionCapture(sampler.models.unet, sampler.models.tokenizer, steps=config.masks.capture_steps)
+    return MaskStage(capture, build_annotator(config, sampler.device, sampler.dtype))
+
+
 def generate_pairs(out: Path, config: RunConfig, records: Sequence[PromptRecord], sampler: PairedSampler,
                    options: ExecutionOptions,
-                   progress: Callable[[int, int], None] | None = None) -> GenerationSummary:
+                   progress: Callable[[int, int], None] | None = None,
+                   masks: MaskStage | None = None) -> GenerationSummary:
     """Render every record's pair that the run does not hold yet and write it to shards.
 
     `progress(done, total)` is called once with the work already on disk and after every batch.
@@ -236,7 +360,7 @@ def generate_pairs(out: Path, config: RunConfig, records: Sequence[PromptRecord]
     device = sampler.device
     model_id = sampler.models.model_id
     keyed = [(sample_key(model_id, r.prompt, r.negative_prompt, r.seed), r) for r in records]
-    done = finished_keys(out)
+    done = finished_keys(out) | dropped_keys(out)
     todo = [(k, r) for k, r in keyed if k not in done]
     already = len(keyed) - len(todo)
     if progress:
@@ -245,14 +369,19 @@ def generate_pairs(out: Path, config: RunConfig, records: Sequence[PromptRecord]
     batch_size = max(1, options.batch_size)
     generated = 0
     with ShardWriter(out, options.samples_per_shard, options.writer_id) as writer:
-        sink = SampleSink(writer, options.encode_workers, options.jpeg_quality)
+        pair_writer = PairWriter(writer, config.masks.drop_failed_pairs)
+        sink = SampleSink(pair_writer, options.encode_workers, options.jpeg_quality)
         try:
             i = 0
             while i < len(todo):
                 chunk = todo[i:i + batch_size]
                 try:
-                    pairs = sampler([r.prompt for _, r in chunk], [r.negative_prompt for _, r in chunk],
-                                    [r.seed for _, r in chunk])
+                    if masks is not None:
+                        pairs, annotations = masks.run(sampler, [r for _, r in chunk])
+                    else:
+                        annotations = None
+                        pairs = sampler([r.prompt for _, r in chunk], [r.negative_prompt for _, r in chunk],
+                                        [r.seed for _, r in chunk])
                 except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
                     if not _is_out_of_memory(err) or batch_size == 1:
                         raise
@@ -262,11 +391,76 @@ def generate_pairs(out: Path, config: RunConfig, records: Sequence[PromptRecord]
                         torch.cuda.empty_cache()
                     continue
                 items = [(k, sample_metadata(r, k, model_id, config)) for k, r in chunk]
-                sink.submit(items, pairs)
+                sink.submit(items, pairs, annotations)
                 i += len(chunk)
                 generated += len(chunk)
                 if progress:
                     progress(len(chunk), len(keyed))
         finally:
             sink.close()
-    return GenerationSummary(len(keyed), already, generated, time.perf_counter() - start, batch_size)
+    return GenerationSummary(len(keyed), already, generated, time.perf_counter() - start, batch_size,
+                             **pair_writer.counts)
+
+
+# --- annotating an existing run again ------------------------------------------------------------
+
+def _decode_rgb(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(BytesIO(data)).convert("RGB"))
+
+
+def _stack_maps(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Pairs' [2, C_i, h, w] maps padded with zero maps to [B, 2, max C_i, h, w]."""
+    c_max = max(m.shape[1] for m in maps)
+    out = torch.zeros(len(maps), 2, c_max, *maps[0].shape[-2:])
+    for i, m in enumerate(maps):
+        out[i, :, : m.shape[1]] = m
+    return out
+
+
+def reannotate_run(source: Path, out: Path, config: RunConfig, annotator: MaskAnnotator,
+                   options: ExecutionOptions, progress: Callable[[int, int], None] | None = None) -> GenerationSummary:
+    """Write `source`'s finished pairs into `out` with new masks, reusing their images and the
+    attention maps stored at generation time; pairs `out` already holds are skipped."""
+    start = time.perf_counter()
+    total = len(finished_keys(source))
+    done = finished_keys(out) | dropped_keys(out)
+    if progress:
+        progress(len(done), total)
+    generated = 0
+    with ShardWriter(out, options.samples_per_shard, options.writer_id) as writer:
+        pair_writer = PairWriter(writer, config.masks.drop_failed_pairs)
+
+        def annotate(batch: list[dict]) -> None:
+            metas = [json.loads(s["json"]) for s in batch]
+            classes = [tuple(m["classes"]) for m in metas]
+            positives = np.stack([_decode_rgb(s["pos.jpg"]) for s in batch])
+            maps = _stack_maps([decode_attention(s["attn.npy"]) for s in batch]).to(options.device)
+            notes = annotator(positives, maps, classes)
+            for sample, meta, note in zip(batch, metas, notes):
+                meta["mask_source"] = mask_source(config)
+                pair_writer.write(sample["__key__"], meta, sample["pos.jpg"], sample["neg.jpg"], note,
+                                  attention=sample["attn.npy"])
+            if progress:
+                progress(len(batch), total)
+
+        batch: list[dict] = []
+        for sample in iter_samples(source):
+            key = sample["__key__"]
+            if key in done:
+                continue
+            for needed in ("pos.jpg", "neg.jpg", "json"):
+                if needed not in sample:
+                    raise UsageError(f"{source}: sample {key} has no {needed}; this is not a run written by generate")
+            if "attn.npy" not in sample:
+                raise UsageError(f"{source}: sample {key} holds no attention maps (generated with --mask-source none); "
+                                 "generate it again with masks on")
+            batch.append(sample)
+            if len(batch) == options.batch_size:
+                annotate(batch)
+                generated += len(batch)
+                batch = []
+        if batch:
+            annotate(batch)
+            generated += len(batch)
+    return GenerationSummary(total, len(done), generated, time.perf_counter() - start, options.batch_size,
+                             **pair_writer.counts)

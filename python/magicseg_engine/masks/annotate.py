@@ -1,0 +1,121 @@
+"""Images + cross-attention maps → per-class label maps, boxes, scores and a counterfactual check.
+
+For each pair: the positive's attention maps give a first mask per class and the box and
+points that prompt SAM; SAM's masks are cleaned (small regions and holes, in C++) and merged
+into one label map. The negative's maps — the negative image read against the positive's
+class tokens — say how much of each class the counterfactual still shows: little, for a good
+pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from magicseg_engine import ops
+from magicseg_engine.config import MaskConfig
+from magicseg_engine.kernels.mask_extract import extract_masks, normalisation_params, normalise_maps
+from magicseg_engine.masks.sam import SamRefiner
+
+
+@dataclass
+class PairAnnotation:
+    label_map: np.ndarray  # [H, W] uint8: 0 background, i + 1 the i-th class of the pair
+    classes: list[dict] = field(default_factory=list)
+    counterfactual: dict = field(default_factory=dict)
+    maps: torch.Tensor | None = None  # [2, C, h, w]: the attention maps the masks came from
+
+    def metadata(self) -> dict:
+        return {"classes": self.classes, "counterfactual": self.counterfactual}
+
+
+def class_validity(maps: torch.Tensor, classes: list[tuple[str, ...]]) -> torch.Tensor:
+    """[B, C] bool: the class exists for that pair and its tokens drew some attention."""
+    valid = torch.zeros(maps.shape[0], maps.shape[2], dtype=torch.bool)
+    for b, names in enumerate(classes):
+        valid[b, : len(names)] = True
+    return valid & (maps[:, 0].flatten(2).amax(-1).cpu() > 0)
+
+
+def attention_scores(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean normalised attention inside each mask, at map resolution: the score without SAM."""
+    mins, scales = normalisation_params(maps)
+    norm = normalise_maps(maps, mins, scales)
+    small = F.interpolate(masks.float(), size=maps.shape[-2:], mode="area")
+    return (norm * small).flatten(2).sum(-1) / small.flatten(2).sum(-1).clamp_min(1e-6)
+
+
+def counterfactual_coverage(maps: torch.Tensor, thresholds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """[B, C]: the fraction of each final positive mask where the negative's attention is above
+    the positive's threshold, both normalised by the positive's range."""
+    pos, neg = maps[:, 0].float(), maps[:, 1].float()
+    mins, scales = normalisation_params(pos)
+    neg_up = F.interpolate(normalise_maps(neg, mins, scales), size=masks.shape[-2:], mode="bilinear",
+                           align_corners=False)
+    above = neg_up > thresholds.to(neg_up.device)[..., None, None]
+    masks = masks.to(neg_up.device)
+    inside = (above & masks).flatten(2).sum(-1).float()
+    return (inside / masks.flatten(2).sum(-1).clamp_min(1)).cpu()
+
+
+class MaskAnnotator:
+    def __init__(self, config: MaskConfig, refiner: SamRefiner | None = None, use_triton: bool | None = None):
+        self.config = config
+        self.refiner = refiner if config.refine_with_sam else None
+        self.use_triton = use_triton
+
+    def __call__(self, positives: np.ndarray, maps: torch.Tensor, classes: list[tuple[str, ...]]) -> list[PairAnnotation]:
+        """`positives` [B, H, W, 3] uint8, `maps` [B, 2, C, h, w] from AttentionCapture.maps()."""
+        cfg = self.config
+        B, H, W = positives.shape[:3]
+        valid = class_validity(maps, classes).to(maps.device)
+        pos_maps = maps[:, 0].float()
+        extracted = extract_masks(pos_maps, valid, (H, W), cfg.threshold, cfg.positive_points,
+                                  cfg.negative_points, use_triton=self.use_triton)
+        masks = extracted.class_masks
+        if self.refiner is not None:
+            p = extracted.prompts
+            refined = self.refiner(positives, p.boxes, p.points, p.point_labels, attention_masks=masks)
+            masks, scores, agreement = refined.masks, refined.scores.float().cpu(), refined.agreement.float().cpu()
+        else:
+            scores = attention_scores(pos_maps, masks).cpu()
+            agreement = torch.ones_like(scores)
+
+        C = masks.shape[1]
+        flat = masks.reshape(B * C, H, W).cpu().numpy()
+        area = H * W
+        flat = ops.remove_small_regions(flat, round(cfg.min_region_fraction * area))
+        flat = ops.fill_small_holes(flat, round(cfg.max_hole_fraction * area))
+        cleaned = flat.reshape(B, C, H, W)
+        labels = ops.merge_label_map(cleaned, scores.numpy(), valid.cpu().numpy(), rule=cfg.merge_rule)
+        final = labels[:, None] == np.arange(1, C + 1, dtype=np.uint8)[None, :, None, None]
+        boxes = ops.masks_to_boxes(final.reshape(B * C, H, W)).reshape(B, C, 4)
+        areas = ops.mask_areas(final.reshape(B * C, H, W)).reshape(B, C)
+        coverage = counterfactual_coverage(maps, extracted.thresholds, torch.from_numpy(final))
+        return [self._pair(b, classes[b], labels[b], boxes[b], areas[b], scores[b], agreement[b],
+                           valid[b].cpu(), coverage[b]) for b in range(B)]
+
+    def _pair(self, b, names, label_map, boxes, areas, scores, agreement, valid, coverage) -> PairAnnotation:
+        cfg = self.config
+        per_class = []
+        for c, name in enumerate(names):
+            per_class.append({
+                "name": name, "label": c + 1, "box": [int(v) for v in boxes[c]], "area": int(areas[c]),
+                "score": round(float(scores[c]), 4), "attention_agreement": round(float(agreement[c]), 4),
+                "attended": bool(valid[c]), "empty": int(areas[c]) == 0,
+                "counterfactual_coverage": round(float(coverage[c]), 4),
+            })
+        present = [d for d in per_class if not d["empty"]]
+        worst = max((d["counterfactual_coverage"] for d in present), default=1.0)
+        check = {
+            "max_coverage": worst,
+            "quality": round(1.0 - worst, 4),
+            "threshold": cfg.max_counterfactual_coverage,
+            "passed": bool(present) and worst <= cfg.max_counterfactual_coverage,
+            "reason": None if present and worst <= cfg.max_counterfactual_coverage
+            else ("no class was found in the positive" if not present else "the negative still shows a class"),
+        }
+        return PairAnnotation(label_map, per_class, check)

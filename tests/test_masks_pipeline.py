@@ -1,0 +1,143 @@
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from magicseg_engine.cli import app
+from magicseg_engine.data.shards import finished_keys, iter_samples
+from magicseg_engine.pipeline import DROPPED_FILE, decode_attention
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def samples(run):
+    return {s["__key__"]: s for s in iter_samples(run)}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("masks") / "run"
+    result = invoke("generate", "--classes", "voc", "--num-pairs", 6, "--batch-size", 3, "--seed", 2,
+                    "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_every_pair_gets_a_valid_mask_and_its_metadata(run):
+    got = samples(run)
+    assert len(got) == 6
+    for key, s in got.items():
+        meta = json.loads(s["json"])
+        image = Image.open(io.BytesIO(s["pos.jpg"]))
+        mask = np.asarray(Image.open(io.BytesIO(s["mask.png"])))
+        assert mask.dtype == np.uint8 and mask.shape == (image.height, image.width)
+        n = len(meta["classes"])
+        assert set(np.unique(mask)) <= set(range(n + 1))
+        assert meta["mask_source"] == "attention+sam"
+        assert [c["name"] for c in meta["masks"]["classes"]] == meta["classes"]
+        for c in meta["masks"]["classes"]:
+            region = mask == c["label"]
+            assert c["area"] == int(region.sum()) and c["empty"] == (c["area"] == 0)
+            if c["area"]:
+                rows, cols = np.nonzero(region)
+                assert c["box"] == [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+            else:
+                assert c["box"] == [-1, -1, -1, -1]
+            assert 0.0 <= c["counterfactual_coverage"] <= 1.0
+        check = meta["masks"]["counterfactual"]
+        present = [c for c in meta["masks"]["classes"] if not c["empty"]]
+        assert check["passed"] == (bool(present) and check["max_coverage"] <= check["threshold"])
+        maps = decode_attention(s["attn.npy"])
+        assert maps.shape == (2, n, 8, 8) and bool((maps >= 0).all())
+
+
+def test_mask_source_none_writes_no_masks(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("generate", "--classes", "voc", "--num-pairs", 2, "--out", out, "--mask-source", "none",
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    for s in samples(out).values():
+        assert "mask.png" not in s and "attn.npy" not in s
+        assert json.loads(s["json"])["mask_source"] == "none"
+    result = invoke("masks", "--data", out, "--out", tmp_path / "again")
+    assert result.exit_code == 2 and "holds no attention maps" in result.stderr
+    assert not (tmp_path / "again").exists()
+
+
+def test_failed_pairs_are_dropped_counted_and_not_redone(tmp_path):
+    out = tmp_path / "run"
+    args = ["generate", "--classes", "voc", "--num-pairs", 4, "--out", out, "--no-sam", "--device", "cpu",
+            "--max-counterfactual-coverage", 0.0, "--drop-failed-pairs", "--resume"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    dropped = [json.loads(line) for line in (out / DROPPED_FILE).read_text().splitlines()]
+    kept = finished_keys(out)
+    assert len(dropped) + len(kept) == 4 and dropped
+    assert not {d["key"] for d in dropped} & kept
+    for s in samples(out).values():
+        assert json.loads(s["json"])["masks"]["counterfactual"]["passed"]
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["sessions"][-1]["dropped"] == len(dropped)
+    result = invoke(*args)
+    assert result.exit_code == 0
+    assert json.loads((out / "run.json").read_text())["sessions"][-1]["generated"] == 0
+
+
+def test_masks_command_annotates_again_without_touching_images(run, tmp_path):
+    out = tmp_path / "again"
+    result = invoke("masks", "--data", run, "--out", out, "--no-sam", "--mask-threshold", "0.5", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    before, after = samples(run), samples(out)
+    assert set(before) == set(after)
+    for key in before:
+        assert after[key]["pos.jpg"] == before[key]["pos.jpg"] and after[key]["neg.jpg"] == before[key]["neg.jpg"]
+        assert after[key]["attn.npy"] == before[key]["attn.npy"]
+        meta = json.loads(after[key]["json"])
+        assert meta["mask_source"] == "attention" and meta["classes"] == json.loads(before[key]["json"])["classes"]
+    assert json.loads((out / "run.json").read_text())["config"]["masks"]["threshold"] == 0.5
+    # Resumable: a second call finds everything done.
+    result = invoke("masks", "--data", run, "--out", out, "--no-sam", "--mask-threshold", "0.5", "--device", "cpu",
+                    "--resume")
+    assert result.exit_code == 0 and "0 pairs annotated, 6 were already done" in result.stderr.replace("\n", " ")
+
+
+def test_masks_command_with_the_same_settings_reproduces_the_masks(tmp_path):
+    out = tmp_path / "run"
+    base = ["--no-sam", "--device", "cpu"]
+    assert invoke("generate", "--classes", "voc", "--num-pairs", 4, "--out", out, *base).exit_code == 0
+    assert invoke("masks", "--data", out, "--out", tmp_path / "again", *base).exit_code == 0
+    before, after = samples(out), samples(tmp_path / "again")
+    agree = [np.mean(np.asarray(Image.open(io.BytesIO(before[k]["mask.png"])))
+                     == np.asarray(Image.open(io.BytesIO(after[k]["mask.png"])))) for k in before]
+    # Only the float16 storage of the maps differs between the two.
+    assert min(agree) > 0.97
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--out", "SAME"], "--out must differ from --data"),
+        (["--data", "MISSING"], "holds no run"),
+        (["--mask-threshold", "1.5"], "masks.threshold"),
+        (["--sam-model", "vit_x"], "sam.model_type"),
+    ],
+)
+def test_masks_command_bad_input(run, tmp_path, args, message):
+    values = {"--data": run, "--out": tmp_path / "again"}
+    i = 0
+    while i < len(args):
+        values[args[i]] = args[i + 1]
+        i += 2
+    if values["--out"] == "SAME":
+        values["--out"] = run
+    if values["--data"] == "MISSING":
+        values["--data"] = tmp_path / "missing"
+    result = invoke("masks", *[x for kv in values.items() for x in kv])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert not (tmp_path / "again").exists()
