@@ -215,7 +215,7 @@ def invoke(*args):
         (["--preset", "sdxl"], "unknown preset 'sdxl'"),
         (["--num-pairs", 0], "--num-pairs must be a positive number"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
-        (["--preset", "sd15", "--model", "/nonexistent/model"], "/nonexistent/model"),
+        (["--preset", "sd15", "--model", "/nonexistent/model", "--no-sam"], "/nonexistent/model"),
     ],
 )
 def test_bad_flags_exit_2_and_leave_nothing(tmp_path, args, message):

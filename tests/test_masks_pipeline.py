@@ -141,3 +141,11 @@ def test_masks_command_bad_input(run, tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert not (tmp_path / "again").exists()
+
+
+def test_real_diffusion_weights_without_a_sam_checkpoint_are_refused_before_loading(tmp_path):
+    # The model path does not exist: the SAM check must come first, before any loading.
+    result = invoke("generate", "--preset", "sd15", "--model", tmp_path / "nowhere", "--classes", "voc",
+                    "--num-pairs", 1, "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "pass --sam-checkpoint" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -120,16 +120,6 @@ class RunConfig(_Strict):
     sam: SamConfig
     masks: MaskConfig = Field(default_factory=MaskConfig)
 
-    @model_validator(mode="after")
-    def _real_images_need_real_sam(self) -> RunConfig:
-        # Random SAM weights on real images would write plausible-looking but meaningless masks.
-        m = self.masks
-        if (self.diffusion.weights == "pretrained" and m.source != "none" and m.refine_with_sam
-                and not self.sam.checkpoint):
-            raise ValueError("real diffusion weights need real SAM weights: pass --sam-checkpoint "
-                             "(a segment-anything .pth) or --no-sam")
-        return self
-
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {

@@ -301,6 +301,7 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 def build_sampler(config: RunConfig, device: str | torch.device) -> PairedSampler:
     """Load the run's diffusion models and wrap them in a paired sampler."""
+    check_model_settings(config)
     device = torch.device(device)
     d = config.diffusion
     dtype = resolve_dtype(d.dtype, device)
@@ -332,7 +333,17 @@ class MaskStage:
         return pairs, annotations
 
 
+def check_model_settings(config: RunConfig) -> None:
+    """Settings that are valid alone but wrong together; checked before any model loads."""
+    m = config.masks
+    if m.source != "none" and m.refine_with_sam and config.diffusion.weights == "pretrained" and not config.sam.checkpoint:
+        # Random SAM weights on real images would write plausible-looking but meaningless masks.
+        raise UsageError("real diffusion weights need real SAM weights: pass --sam-checkpoint "
+                         "(a segment-anything .pth) or --no-sam")
+
+
 def build_annotator(config: RunConfig, device: torch.device, dtype: torch.dtype) -> MaskAnnotator:
+    check_model_settings(config)
     refiner = None
     if config.masks.refine_with_sam:
         sam = build_sam(config.sam.model_type, config.sam.checkpoint, device=device, dtype=dtype, seed=config.seed)
