@@ -7,19 +7,17 @@
 // integer written is the difference to the run two places before, which keeps the
 // numbers (and so the strings) short for smooth shapes.
 #include <algorithm>
-#include <atomic>
 #include <cstring>
-#include <exception>
 #include <stdexcept>
 #include <string>
 #include <string_view>
-#include <thread>
 #include <utility>
 #include <vector>
 
 #include <pybind11/stl.h>
 
 #include "ops.h"
+#include "parallel.h"
 
 namespace py = pybind11;
 
@@ -32,34 +30,6 @@ constexpr int64_t kTile = 64;
 
 // Longest value accepted when decoding: 12 groups are 60 bits, far beyond any H*W.
 constexpr int kMaxGroups = 12;
-
-// Calls fn(i, scratch) for every i in [0, n) on up to num_threads threads, each thread
-// reusing one default-constructed Scratch. Masks are handed out one at a time so a few
-// large ones do not leave threads idle. An exception from fn is rethrown here, the one
-// with the lowest i, so errors do not depend on timing.
-template <typename Scratch, typename Fn>
-void parallel_for(int64_t n, int num_threads, Fn fn) {
-  if (num_threads <= 0) num_threads = default_num_threads();
-  const int64_t workers = std::min<int64_t>(num_threads, n);
-  std::atomic<int64_t> next{0};
-  std::vector<std::exception_ptr> errors(static_cast<size_t>(n));
-  auto work = [&] {
-    Scratch scratch;
-    for (int64_t i; (i = next.fetch_add(1)) < n;) {
-      try {
-        fn(i, scratch);
-      } catch (...) {
-        errors[i] = std::current_exception();
-      }
-    }
-  };
-  std::vector<std::thread> threads;
-  for (int64_t t = 1; t < workers; ++t) threads.emplace_back(work);
-  work();
-  for (auto& t : threads) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
-}
 
 // Copies an (h, w) mask with byte strides (sh, sw) into h*w column-major bytes of 0/1.
 void gather_column_major(const uint8_t* src, int64_t sh, int64_t sw, int64_t h, int64_t w,

@@ -74,6 +74,23 @@ def progress_bar(transient: bool = True) -> Progress:
     )
 
 
+def resumable_progress(bar: Progress, description: str, unit: str):
+    """A `progress(n, total)` callback for stages that resume: the first call reports the work
+    already on disk, shown as done but not counted in the rate; later calls add new work."""
+    task = bar.add_task(description, total=None, unit=unit)
+    first = True
+
+    def advance(n: int, total: int) -> None:
+        nonlocal first
+        if first:
+            bar.reset(task, total=total, completed=n)
+            first = False
+        else:
+            bar.advance(task, n)
+
+    return advance
+
+
 @app.command()
 @reports_usage_errors
 def doctor(
@@ -279,17 +296,7 @@ def generate(
     options = ExecutionOptions(device=device, batch_size=batch_size, samples_per_shard=samples_per_shard,
                                encode_workers=encode_workers)
     with progress_bar(transient=False) as bar:
-        task = bar.add_task(f"generate ({config.preset})", total=len(records), unit="pairs")
-        first = True
-
-        def advance(n: int, total: int) -> None:
-            nonlocal first
-            if first:  # pairs already on disk: shown as done, not counted in the rate
-                bar.reset(task, total=total, completed=n)
-                first = False
-            else:
-                bar.advance(task, n)
-
+        advance = resumable_progress(bar, f"generate ({config.preset})", "pairs")
         summary = generate_pairs(out, config, records, sampler, options, progress=advance, masks=masks)
     record_summary(out, summary, {"device": device, "batch_size": batch_size})
     checked = ""
@@ -355,34 +362,18 @@ def masks(
     }
     config = with_overrides(saved, overrides, f"the run in {data}")
     plan = open_run(out, config, read_records(data / PROMPTS_FILE), resume, overwrite)
-    annotator = build_annotator(config, torch_device(device), resolve_dtype(config.diffusion.dtype, device))
+    annotator = build_annotator(config, device, resolve_dtype(config.diffusion.dtype, device))
     if plan.fresh:
         start_run(out, config, plan.records)
     options = ExecutionOptions(device=device, batch_size=batch_size)
     with progress_bar(transient=False) as bar:
-        task = bar.add_task("masks", total=None, unit="pairs")
-        first = True
-
-        def advance(n: int, total: int) -> None:
-            nonlocal first
-            if first:
-                bar.reset(task, total=total, completed=n)
-                first = False
-            else:
-                bar.advance(task, n)
-
+        advance = resumable_progress(bar, "masks", "pairs")
         summary = reannotate_run(data, out, config, annotator, options, progress=advance)
     record_summary(out, summary, {"device": device, "batch_size": batch_size, "annotated_from": str(data)})
     verb = "dropped" if config.masks.drop_failed_pairs else "flagged"
     stderr.print(f"{summary.generated} pairs annotated, {summary.already_done} were already done; "
                  f"{summary.flagged + summary.dropped} failed the counterfactual check ({verb}). Shards: {out / 'shards'}",
                  highlight=False)
-
-
-def torch_device(device: str):
-    import torch
-
-    return torch.device(device)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure this engine against a baseline in the same run.")

@@ -342,7 +342,7 @@ def check_model_settings(config: RunConfig) -> None:
                          "(a segment-anything .pth) or --no-sam")
 
 
-def build_annotator(config: RunConfig, device: torch.device, dtype: torch.dtype) -> MaskAnnotator:
+def build_annotator(config: RunConfig, device: str | torch.device, dtype: torch.dtype) -> MaskAnnotator:
     check_model_settings(config)
     refiner = None
     if config.masks.refine_with_sam:
