@@ -149,3 +149,58 @@ def test_real_diffusion_weights_without_a_sam_checkpoint_are_refused_before_load
                     "--num-pairs", 1, "--out", tmp_path / "run")
     assert result.exit_code == 2 and "pass --sam-checkpoint" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("source", ["detector", "attention+detector"])
+def test_detector_routes_write_masks_with_detector_scores(tmp_path, source):
+    out = tmp_path / "run"
+    result = invoke("generate", "--classes", "voc", "--num-pairs", 3, "--out", out, "--mask-source", source,
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    got = samples(out)
+    assert len(got) == 3
+    for s in got.values():
+        meta = json.loads(s["json"])
+        assert meta["mask_source"] == f"{source}+sam"
+        assert all(0.0 <= c["detector_score"] <= 1.0 for c in meta["masks"]["classes"])
+        assert "mask.png" in s
+
+
+def test_detector_without_sam_masks_are_the_detector_boxes(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("generate", "--classes", "voc", "--num-pairs", 2, "--max-classes", 1, "--out", out,
+                    "--mask-source", "detector", "--no-sam", "--box-threshold", 0.0, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    for s in samples(out).values():
+        meta = json.loads(s["json"])
+        mask = np.asarray(Image.open(io.BytesIO(s["mask.png"])))
+        (c,) = meta["masks"]["classes"]
+        x0, y0, x1, y1 = c["box"]
+        assert c["found"] and c["area"] == (x1 - x0) * (y1 - y0)  # a filled rectangle
+        assert (mask[y0:y1, x0:x1] == 1).all()
+
+
+def test_detector_route_needs_a_detector_model_outside_the_tiny_preset(tmp_path):
+    result = invoke("generate", "--preset", "sd15-random", "--classes", "voc", "--num-pairs", 1, "--out",
+                    tmp_path / "run", "--mask-source", "detector", "--device", "cpu")
+    assert result.exit_code == 2 and "needs --detector-model" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_combined_prompts_prefer_detector_boxes_and_keep_attention_points():
+    import torch
+
+    from magicseg_engine.kernels.mask_extract import SamPrompts
+    from magicseg_engine.masks.annotate import box_masks, combine_prompts
+    from magicseg_engine.masks.detector import Detections
+
+    attention = SamPrompts(boxes=torch.tensor([[[1.0, 1, 4, 4], [2, 2, 6, 6]]]),
+                           points=torch.tensor([[[[2.0, 2]], [[3, 3]]]]), point_labels=torch.tensor([[[1], [1]]]))
+    found = Detections(boxes=torch.tensor([[[0.0, 0, 8, 8], [-1, -1, -1, -1]]]), scores=torch.tensor([[0.9, 0.0]]))
+    both = combine_prompts(attention, found, "attention+detector")
+    assert both.boxes.tolist() == [[[0, 0, 8, 8], [2, 2, 6, 6]]]
+    assert torch.equal(both.points, attention.points) and torch.equal(both.point_labels, attention.point_labels)
+    only = combine_prompts(attention, found, "detector")
+    assert torch.equal(only.boxes, found.boxes) and bool((only.point_labels == -1).all())
+    rect = box_masks(torch.tensor([[[1.0, 2, 4, 3], [-1, -1, -1, -1]]]), (5, 6))
+    assert rect[0, 0].sum() == 3 and bool(rect[0, 0, 2, 1:4].all()) and rect[0, 1].sum() == 0

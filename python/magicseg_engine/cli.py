@@ -114,6 +114,8 @@ def doctor(
 
 class MaskSource(str, Enum):
     attention = "attention"
+    detector = "detector"
+    attention_detector = "attention+detector"
     none = "none"
 
 
@@ -242,6 +244,9 @@ def generate(
     mask_threshold: Annotated[Optional[str], typer.Option("--mask-threshold", help="otsu, or a fixed value in (0, 1).")] = None,
     max_counterfactual_coverage: Annotated[Optional[float], typer.Option("--max-counterfactual-coverage", help="Flag pairs whose negative still covers more of a class mask.")] = None,
     drop_failed_pairs: Annotated[bool, typer.Option("--drop-failed-pairs", help="Drop pairs that fail the counterfactual check instead of flagging them.")] = False,
+    detector_model: Annotated[Optional[str], typer.Option("--detector-model", help="Grounding DINO folder or hub id (tiny: random, for tests).")] = None,
+    box_threshold: Annotated[Optional[float], typer.Option("--box-threshold", help="Detector box threshold.")] = None,
+    text_threshold: Annotated[Optional[float], typer.Option("--text-threshold", help="Detector text threshold.")] = None,
 ) -> None:
     """Render positive/negative image pairs with shared noise, and their masks, into resumable WebDataset shards."""
     from magicseg_engine.config import load_preset
@@ -275,7 +280,8 @@ def generate(
         "masks": {"source": mask_source.value if mask_source else None, "refine_with_sam": False if no_sam else None,
                   "threshold": _parse_threshold(mask_threshold),
                   "max_counterfactual_coverage": max_counterfactual_coverage,
-                  "drop_failed_pairs": drop_failed_pairs or None},
+                  "drop_failed_pairs": drop_failed_pairs or None, "detector_model": detector_model,
+                  "box_threshold": box_threshold, "text_threshold": text_threshold},
     })
     records = None
     if prompts_file is not None or classes is not None:
@@ -322,6 +328,10 @@ def masks(
     mask_threshold: Annotated[Optional[str], typer.Option("--mask-threshold", help="otsu, or a fixed value in (0, 1).")] = None,
     max_counterfactual_coverage: Annotated[Optional[float], typer.Option("--max-counterfactual-coverage")] = None,
     drop_failed_pairs: Annotated[bool, typer.Option("--drop-failed-pairs")] = False,
+    mask_source: Annotated[Optional[MaskSource], typer.Option("--mask-source", help="attention, detector or attention+detector.")] = None,
+    detector_model: Annotated[Optional[str], typer.Option("--detector-model", help="Grounding DINO folder or hub id.")] = None,
+    box_threshold: Annotated[Optional[float], typer.Option("--box-threshold")] = None,
+    text_threshold: Annotated[Optional[float], typer.Option("--text-threshold")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per SAM batch.")] = 8,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
@@ -342,6 +352,8 @@ def masks(
 
     if batch_size <= 0:
         raise UsageError("--batch-size must be positive")
+    if mask_source is MaskSource.none:
+        raise UsageError("--mask-source none would annotate nothing; pick attention, detector or attention+detector")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other; pick one")
     if data.resolve() == out.resolve():
@@ -355,10 +367,12 @@ def masks(
                          "generate it again with masks on")
     overrides = {
         "sam": {"model_type": sam_model, "checkpoint": sam_checkpoint},
-        "masks": {"source": "attention", "refine_with_sam": False if no_sam else None,
+        "masks": {"source": mask_source.value if mask_source else "attention",
+                  "refine_with_sam": False if no_sam else None,
                   "threshold": _parse_threshold(mask_threshold),
                   "max_counterfactual_coverage": max_counterfactual_coverage,
-                  "drop_failed_pairs": drop_failed_pairs or None},
+                  "drop_failed_pairs": drop_failed_pairs or None, "detector_model": detector_model,
+                  "box_threshold": box_threshold, "text_threshold": text_threshold},
     }
     config = with_overrides(saved, overrides, f"the run in {data}")
     plan = open_run(out, config, read_records(data / PROMPTS_FILE), resume, overwrite)

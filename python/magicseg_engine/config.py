@@ -88,8 +88,14 @@ class SamConfig(_Strict):
 class MaskConfig(_Strict):
     """How each image becomes a per-class label map, and how counterfactual pairs are checked."""
 
-    source: Literal["attention", "none"] = "attention"
+    # attention: boxes and points from cross-attention; detector: boxes from Grounding DINO, as the
+    # reference did; attention+detector: detector boxes where found, attention points always.
+    source: Literal["attention", "detector", "attention+detector", "none"] = "attention"
     refine_with_sam: bool = True
+    # "tiny" (random, for tests), or a Grounding DINO folder or hub id.
+    detector_model: str | None = None
+    box_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    text_threshold: float = Field(0.25, ge=0.0, le=1.0)
     # Part of the sampling schedule whose cross-attention is read, as fractions [lo, hi).
     capture_steps: tuple[float, float] = (0.0, 1.0)
     threshold: float | Literal["otsu"] = "otsu"
@@ -129,6 +135,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "steps": 4, "guidance": 7.5, "dtype": "float32",
         },
         "sam": {"model_type": "tiny"},
+        "masks": {"detector_model": "tiny"},
     },
     "sd15-random": {
         "preset": "sd15-random",

@@ -31,6 +31,7 @@ from magicseg_engine.errors import UsageError
 from magicseg_engine.generate.attention import AttentionCapture
 from magicseg_engine.generate.models import load_diffusion, resolve_dtype
 from magicseg_engine.masks.annotate import MaskAnnotator, PairAnnotation
+from magicseg_engine.masks.detector import build_detector
 from magicseg_engine.masks.sam import SamRefiner, build_sam
 from magicseg_engine.generate.sampler import PairBatch, PairedSampler, SamplingSettings
 from magicseg_engine.prompts.records import PromptRecord, read_records, write_records
@@ -278,10 +279,11 @@ class SampleSink:
 # --- the run ---------------------------------------------------------------------------
 
 def mask_source(config: RunConfig) -> str:
+    """What made a sample's mask, as recorded in its JSON: e.g. "attention+sam", "detector"."""
     m = config.masks
     if m.source == "none":
         return "none"
-    return "attention+sam" if m.refine_with_sam else "attention"
+    return f"{m.source}+sam" if m.refine_with_sam else m.source
 
 
 def sample_metadata(record: PromptRecord, key: str, model_id: str, config: RunConfig) -> dict:
@@ -336,6 +338,8 @@ class MaskStage:
 def check_model_settings(config: RunConfig) -> None:
     """Settings that are valid alone but wrong together; checked before any model loads."""
     m = config.masks
+    if "detector" in m.source and not m.detector_model:
+        raise UsageError(f"--mask-source {m.source} needs --detector-model (a Grounding DINO folder or hub id)")
     if m.source != "none" and m.refine_with_sam and config.diffusion.weights == "pretrained" and not config.sam.checkpoint:
         # Random SAM weights on real images would write plausible-looking but meaningless masks.
         raise UsageError("real diffusion weights need real SAM weights: pass --sam-checkpoint "
@@ -348,7 +352,12 @@ def build_annotator(config: RunConfig, device: str | torch.device, dtype: torch.
     if config.masks.refine_with_sam:
         sam = build_sam(config.sam.model_type, config.sam.checkpoint, device=device, dtype=dtype, seed=config.seed)
         refiner = SamRefiner(sam)
-    return MaskAnnotator(config.masks, refiner)
+    detector = None
+    if "detector" in config.masks.source:
+        detector = build_detector(config.masks.detector_model, device=device, seed=config.seed,
+                                  box_threshold=config.masks.box_threshold,
+                                  text_threshold=config.masks.text_threshold)
+    return MaskAnnotator(config.masks, refiner, detector)
 
 
 def build_mask_stage(config: RunConfig, sampler: PairedSampler) -> MaskStage | None:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from magicseg_engine import ops
 from magicseg_engine.config import MaskConfig
-from magicseg_engine.kernels.mask_extract import extract_masks, normalisation_params, normalise_maps
+from magicseg_engine.kernels.mask_extract import SamPrompts, extract_masks, normalisation_params, normalise_maps
+from magicseg_engine.masks.detector import Detections, GroundingDetector
 from magicseg_engine.masks.sam import SamRefiner
 
 
@@ -48,6 +49,28 @@ def attention_scores(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return (norm * small).flatten(2).sum(-1) / small.flatten(2).sum(-1).clamp_min(1e-6)
 
 
+def box_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, C, H, W] bool rectangles from [B, C, 4] boxes with exclusive ends (all -1: empty)."""
+    H, W = size
+    ys = torch.arange(H).view(1, 1, H, 1)
+    xs = torch.arange(W).view(1, 1, 1, W)
+    b = boxes.round().long().cpu()
+    return ((ys >= b[..., 1, None, None]) & (ys < b[..., 3, None, None])
+            & (xs >= b[..., 0, None, None]) & (xs < b[..., 2, None, None]))
+
+
+def combine_prompts(attention: SamPrompts, detections: Detections, source: str) -> SamPrompts:
+    """SAM prompts for the detector routes: detector boxes, with attention points or none."""
+    found = detections.found.to(attention.boxes.device)
+    det_boxes = detections.boxes.to(attention.boxes.device)
+    if source == "detector":
+        no_points = torch.full_like(attention.point_labels, -1)
+        return SamPrompts(det_boxes, torch.zeros_like(attention.points), no_points)
+    # attention+detector: a detector box where the detector found the class, else attention's.
+    boxes = torch.where(found[..., None], det_boxes, attention.boxes)
+    return SamPrompts(boxes, attention.points, attention.point_labels)
+
+
 def counterfactual_coverage(maps: torch.Tensor, thresholds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """[B, C]: the fraction of each final positive mask where the negative's attention is above
     the positive's threshold, both normalised by the positive's range."""
@@ -62,9 +85,13 @@ def counterfactual_coverage(maps: torch.Tensor, thresholds: torch.Tensor, masks:
 
 
 class MaskAnnotator:
-    def __init__(self, config: MaskConfig, refiner: SamRefiner | None = None, use_triton: bool | None = None):
+    def __init__(self, config: MaskConfig, refiner: SamRefiner | None = None,
+                 detector: GroundingDetector | None = None, use_triton: bool | None = None):
+        if "detector" in config.source and detector is None:
+            raise ValueError(f"mask source {config.source!r} needs a detector")
         self.config = config
         self.refiner = refiner if config.refine_with_sam else None
+        self.detector = detector if "detector" in config.source else None
         self.use_triton = use_triton
 
     def __call__(self, positives: np.ndarray, maps: torch.Tensor, classes: list[tuple[str, ...]]) -> list[PairAnnotation]:
@@ -75,11 +102,22 @@ class MaskAnnotator:
         pos_maps = maps[:, 0].float()
         extracted = extract_masks(pos_maps, valid, (H, W), cfg.threshold, cfg.positive_points,
                                   cfg.negative_points, use_triton=self.use_triton)
-        masks = extracted.class_masks
+        masks, prompts = extracted.class_masks, extracted.prompts
+        detections = None
+        if self.detector is not None:
+            detections = self.detector(positives, classes)
+            prompts = combine_prompts(prompts, detections, cfg.source)
+            found = detections.found.to(valid.device)
+            valid = found if cfg.source == "detector" else valid | found
+            if cfg.source == "detector":
+                masks = box_masks(detections.boxes, (H, W)).to(masks.device)
         if self.refiner is not None:
-            p = extracted.prompts
-            refined = self.refiner(positives, p.boxes, p.points, p.point_labels, attention_masks=masks)
+            refined = self.refiner(positives, prompts.boxes, prompts.points, prompts.point_labels,
+                                   attention_masks=extracted.class_masks)
             masks, scores, agreement = refined.masks, refined.scores.float().cpu(), refined.agreement.float().cpu()
+        elif detections is not None and cfg.source == "detector":
+            scores = detections.scores.float().cpu()
+            agreement = torch.ones_like(scores)
         else:
             scores = attention_scores(pos_maps, masks).cpu()
             agreement = torch.ones_like(scores)
@@ -95,19 +133,24 @@ class MaskAnnotator:
         boxes = ops.masks_to_boxes(final.reshape(B * C, H, W)).reshape(B, C, 4)
         areas = ops.mask_areas(final.reshape(B * C, H, W)).reshape(B, C)
         coverage = counterfactual_coverage(maps, extracted.thresholds, torch.from_numpy(final))
-        return [self._pair(b, classes[b], labels[b], boxes[b], areas[b], scores[b], agreement[b],
-                           valid[b].cpu(), coverage[b]) for b in range(B)]
+        detector_scores = detections.scores.cpu() if detections is not None else None
+        return [self._pair(classes[b], labels[b], boxes[b], areas[b], scores[b], agreement[b], valid[b].cpu(),
+                           coverage[b], detector_scores[b] if detector_scores is not None else None)
+                for b in range(B)]
 
-    def _pair(self, b, names, label_map, boxes, areas, scores, agreement, valid, coverage) -> PairAnnotation:
+    def _pair(self, names, label_map, boxes, areas, scores, agreement, valid, coverage,
+              detector_scores) -> PairAnnotation:
         cfg = self.config
         per_class = []
         for c, name in enumerate(names):
             per_class.append({
                 "name": name, "label": c + 1, "box": [int(v) for v in boxes[c]], "area": int(areas[c]),
                 "score": round(float(scores[c]), 4), "attention_agreement": round(float(agreement[c]), 4),
-                "attended": bool(valid[c]), "empty": int(areas[c]) == 0,
+                "found": bool(valid[c]), "empty": int(areas[c]) == 0,
                 "counterfactual_coverage": round(float(coverage[c]), 4),
             })
+            if detector_scores is not None:
+                per_class[-1]["detector_score"] = round(float(detector_scores[c]), 4)
         present = [d for d in per_class if not d["empty"]]
         worst = max((d["counterfactual_coverage"] for d in present), default=1.0)
         check = {
