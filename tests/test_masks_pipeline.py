@@ -204,3 +204,19 @@ def test_combined_prompts_prefer_detector_boxes_and_keep_attention_points():
     assert torch.equal(only.boxes, found.boxes) and bool((only.point_labels == -1).all())
     rect = box_masks(torch.tensor([[[1.0, 2, 4, 3], [-1, -1, -1, -1]]]), (5, 6))
     assert rect[0, 0].sum() == 3 and bool(rect[0, 0, 2, 1:4].all()) and rect[0, 1].sum() == 0
+
+
+def test_a_class_the_prompt_does_not_tokenise_is_counted_and_left_empty(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    # The class is mentioned only after the 77-token window, so it has no tokens to read.
+    filler = "a very long and detailed description of a quiet empty room " * 12
+    prompts.write_text(json.dumps({"classes": ["dog"], "prompt": filler + "and a dog",
+                                   "negative_prompt": filler + "and nothing", "seed": 1}) + "\n")
+    out = tmp_path / "run"
+    result = invoke("generate", "--prompts", prompts, "--out", out, "--device", "cpu", "--no-sam")
+    assert result.exit_code == 0, result.output
+    (s,) = samples(out).values()
+    (c,) = json.loads(s["json"])["masks"]["classes"]
+    assert not c["found"] and c["empty"] and c["area"] == 0
+    assert json.loads((out / "run.json").read_text())["sessions"][-1]["classes_not_found"] == 1
+    assert "1 class mentions were not found" in result.stderr.replace("\n", " ")

@@ -309,6 +309,9 @@ def generate(
     if masks is not None:
         verb = "dropped" if config.masks.drop_failed_pairs else "flagged"
         checked = f" {summary.flagged + summary.dropped} failed the counterfactual check ({verb})."
+        if summary.classes_not_found:
+            checked += (f" {summary.classes_not_found} class mentions were not found (no tokens in the prompt"
+                        " and no detector box); their masks are empty.")
     stderr.print(
         f"{summary.generated} pairs generated, {summary.already_done} were already done, "
         f"{summary.pairs_per_second:.2f} pairs/s.{checked} Shards: {out / 'shards'}; "

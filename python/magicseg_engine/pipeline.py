@@ -66,6 +66,7 @@ class GenerationSummary:
     written: int = 0
     flagged: int = 0
     dropped: int = 0
+    classes_not_found: int = 0
 
     @property
     def pairs_per_second(self) -> float:
@@ -149,7 +150,8 @@ def record_summary(out: Path, summary: GenerationSummary, extra: dict) -> None:
         "generated": summary.generated, "seconds": round(summary.seconds, 3),
         "pairs_per_second": round(summary.pairs_per_second, 4),
         "final_batch_size": summary.final_batch_size, "written": summary.written,
-        "flagged": summary.flagged, "dropped": summary.dropped, **extra,
+        "flagged": summary.flagged, "dropped": summary.dropped,
+        "classes_not_found": summary.classes_not_found, **extra,
     })
     atomic_write_text(path, json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
@@ -207,12 +209,14 @@ class PairWriter:
     def __init__(self, writer: ShardWriter, drop_failed: bool):
         self.writer = writer
         self.drop_failed = drop_failed
-        self.counts = {"written": 0, "flagged": 0, "dropped": 0}
+        # classes_not_found: classes with neither attention (no tokens in the prompt) nor a box.
+        self.counts = {"written": 0, "flagged": 0, "dropped": 0, "classes_not_found": 0}
 
     def write(self, key: str, meta: dict, pos_jpg: bytes, neg_jpg: bytes,
               note: PairAnnotation | None = None, attention: bytes | None = None) -> None:
         files = {"pos.jpg": pos_jpg, "neg.jpg": neg_jpg}
         if note is not None:
+            self.counts["classes_not_found"] += sum(not c["found"] for c in note.classes)
             meta = {**meta, "masks": note.metadata()}
             files["attn.npy"] = attention if attention is not None else encode_attention(note.maps)
             files["mask.png"] = encode_png(note.label_map)
