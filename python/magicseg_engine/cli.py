@@ -244,6 +244,7 @@ def generate(
     mask_threshold: Annotated[Optional[str], typer.Option("--mask-threshold", help="otsu, or a fixed value in (0, 1).")] = None,
     max_counterfactual_coverage: Annotated[Optional[float], typer.Option("--max-counterfactual-coverage", help="Flag pairs whose negative still covers more of a class mask.")] = None,
     drop_failed_pairs: Annotated[bool, typer.Option("--drop-failed-pairs", help="Drop pairs that fail the counterfactual check instead of flagging them.")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="torch, or compile (torch.compile; CUDA graphs on a GPU).")] = "torch",
     detector_model: Annotated[Optional[str], typer.Option("--detector-model", help="Grounding DINO folder or hub id (tiny: random, for tests).")] = None,
     box_threshold: Annotated[Optional[float], typer.Option("--box-threshold", help="Detector box threshold.")] = None,
     text_threshold: Annotated[Optional[float], typer.Option("--text-threshold", help="Detector text threshold.")] = None,
@@ -293,7 +294,7 @@ def generate(
         raise UsageError("say what to render: --classes NAME|FILE with --num-pairs N, or --prompts FILE")
     plan = open_run(out, config, records, resume, overwrite)
     # Models load before the run directory is touched, so a bad --model leaves nothing behind.
-    sampler = build_sampler(config, device)
+    sampler = build_sampler(config, device, backend)
     masks = build_mask_stage(config, sampler)
     if plan.fresh:
         start_run(out, config, plan.records)
@@ -304,7 +305,7 @@ def generate(
     with progress_bar(transient=False) as bar:
         advance = resumable_progress(bar, f"generate ({config.preset})", "pairs")
         summary = generate_pairs(out, config, records, sampler, options, progress=advance, masks=masks)
-    record_summary(out, summary, {"device": device, "batch_size": batch_size})
+    record_summary(out, summary, {"device": device, "batch_size": batch_size, "backend": backend})
     checked = ""
     if masks is not None:
         verb = "dropped" if config.masks.drop_failed_pairs else "flagged"

@@ -28,6 +28,7 @@ from magicseg_engine.atomic import atomic_write_text, check_writable_dir
 from magicseg_engine.config import RunConfig, library_versions
 from magicseg_engine.data.shards import MANIFEST, SHARDS_DIR, ShardWriter, finished_keys, iter_samples, sample_key
 from magicseg_engine.errors import UsageError
+from magicseg_engine.engine.backends import BACKENDS, CAPTURING_BACKENDS, make_runners
 from magicseg_engine.generate.attention import AttentionCapture
 from magicseg_engine.generate.models import load_diffusion, resolve_dtype
 from magicseg_engine.masks.annotate import MaskAnnotator, PairAnnotation
@@ -305,16 +306,21 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def build_sampler(config: RunConfig, device: str | torch.device) -> PairedSampler:
-    """Load the run's diffusion models and wrap them in a paired sampler."""
+def build_sampler(config: RunConfig, device: str | torch.device, backend: str = "torch") -> PairedSampler:
+    """Load the run's diffusion models and wrap them in a paired sampler running on `backend`."""
     check_model_settings(config)
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if config.masks.source != "none" and backend not in CAPTURING_BACKENDS:
+        raise UsageError(f"--backend {backend} cannot capture cross-attention, which masks need; "
+                         f"use --backend {' or '.join(CAPTURING_BACKENDS)}, or --mask-source none")
     device = torch.device(device)
     d = config.diffusion
     dtype = resolve_dtype(d.dtype, device)
     models = load_diffusion(d, device, dtype, seed=config.seed)
     settings = SamplingSettings(height=d.height, width=d.width, steps=d.steps, guidance=d.guidance,
                                 scheduler=d.scheduler, independent_noise=d.independent_noise)
-    return PairedSampler(models, settings, device, dtype)
+    return PairedSampler(models, settings, device, dtype, runners=make_runners(backend, models))
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from magicseg_engine.engine.backends import DiffusionRunners, torch_runners
 from magicseg_engine.generate.models import DiffusionModels, make_scheduler
 
 
@@ -95,8 +96,10 @@ def to_uint8_images(decoded: torch.Tensor) -> np.ndarray:
 
 
 class PairedSampler:
-    def __init__(self, models: DiffusionModels, settings: SamplingSettings, device: torch.device, dtype: torch.dtype):
+    def __init__(self, models: DiffusionModels, settings: SamplingSettings, device: torch.device, dtype: torch.dtype,
+                 runners: DiffusionRunners | None = None):
         self.models = models
+        self.runners = runners or torch_runners(models)
         self.settings = settings
         self.device = torch.device(device)
         self.dtype = dtype
@@ -110,7 +113,7 @@ class PairedSampler:
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         ids = self.models.tokenizer(list(texts)).to(self.device)
-        return self.models.text_encoder(ids)[0].to(self.dtype)
+        return self.runners.encode_text(ids).to(self.dtype)
 
     def _unconditional(self) -> torch.Tensor:
         # The empty prompt's embedding never changes: encode it once per sampler.
@@ -144,7 +147,7 @@ class PairedSampler:
                 hook.before_step(i, t)
             model_in = torch.cat([latents, latents]) if guided else latents
             model_in = scheduler.scale_model_input(model_in, t)
-            eps = self.models.unet(model_in, t, encoder_hidden_states=context).sample
+            eps = self.runners.predict_noise(model_in, t, context)
             if guided:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + s.guidance * (eps_cond - eps_uncond)
@@ -155,9 +158,8 @@ class PairedSampler:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        vae = self.models.vae
-        scaled = latents / vae.config.scaling_factor
-        chunks = [vae.decode(part.to(vae.dtype)).sample for part in scaled.split(self.settings.vae_batch_size)]
+        scaled = latents / self.models.vae.config.scaling_factor
+        chunks = [self.runners.decode(part) for part in scaled.split(self.settings.vae_batch_size)]
         return to_uint8_images(torch.cat(chunks))
 
     def __call__(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int],

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from magicseg_engine.cli import app
+from magicseg_engine.config import load_preset
+from magicseg_engine.engine.backends import make_runners, torch_runners
+from magicseg_engine.errors import UsageError
+from magicseg_engine.generate.sampler import PairedSampler
+from magicseg_engine.pipeline import build_sampler
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return build_sampler(load_preset("tiny"), "cpu")
+
+
+def test_torch_runners_are_the_modules_themselves(sampler):
+    r = torch_runners(sampler.models)
+    ids = sampler.models.tokenizer(["a dog"])
+    assert r.supports_attention_capture
+    assert bool((r.encode_text(ids) == sampler.models.text_encoder(ids)[0]).all())
+
+
+@pytest.mark.slow
+def test_compile_backend_draws_what_eager_draws(sampler):
+    compiled = PairedSampler(sampler.models, sampler.settings, sampler.device, sampler.dtype,
+                             runners=make_runners("compile", sampler.models))
+    a = compiled(["a dog on a beach"], ["nothing on a beach"], [3])
+    b = sampler(["a dog on a beach"], ["nothing on a beach"], [3])
+    assert np.abs(a.positives.astype(int) - b.positives.astype(int)).max() <= 2
+    assert np.abs(a.negatives.astype(int) - b.negatives.astype(int)).max() <= 2
+
+
+def test_unknown_backend_is_refused_before_loading():
+    with pytest.raises(UsageError, match="unknown backend 'tpu'"):
+        build_sampler(load_preset("tiny"), "cpu", backend="tpu")
+
+
+def test_cli_backend_flag(tmp_path):
+    result = CliRunner().invoke(app, ["generate", "--classes", "voc", "--num-pairs", "1", "--out", str(tmp_path / "r"),
+                                      "--backend", "onnx", "--device", "cpu"])
+    assert result.exit_code == 2 and "unknown backend 'onnx'" in result.stderr
+    assert not (tmp_path / "r").exists()
