@@ -96,13 +96,11 @@ def check_onnx() -> list[Check]:
     return checks
 
 
-def check_tensorrt(cuda: bool) -> Check:
-    trt, err = _try_import("tensorrt")
-    if trt is None:
-        return Check("tensorrt", False, "not installed: install TensorRT 10 for your CUDA version from NVIDIA to build engines")
-    if not cuda:
-        return Check("tensorrt", False, f"{trt.__version__} installed, but engines need a GPU")
-    return Check("tensorrt", True, trt.__version__)
+def check_tensorrt() -> Check:
+    from magicseg_engine.engine.tensorrt import tensorrt_status
+
+    ok, reason = tensorrt_status()
+    return Check("tensorrt", ok, reason)
 
 
 def check_dali() -> Check:
@@ -160,7 +158,7 @@ def run_checks() -> list[Check]:
     cuda = any(c.name == "cuda" and c.ok for c in checks)
     checks += check_triton(cuda)
     checks += check_onnx()
-    checks.append(check_tensorrt(cuda))
+    checks.append(check_tensorrt())
     checks.append(check_dali())
     checks.append(check_extension())
     checks.append(check_clip_vocabulary())
