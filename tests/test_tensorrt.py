@@ -352,7 +352,7 @@ def test_damaged_engine_is_rebuilt_with_warning(targets, builds, export, tmp_pat
 
     caplog.clear()  # and the rebuilt one is trusted again
     build_engine(export, tmp_path, [1, 4], "fp32")
-    assert len(builds.calls) == 2 and not caplog.records
+    assert len(builds.calls) == 2 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_other_gpu_version_precision_or_shapes_get_their_own_engine(targets, builds, export, tmp_path):

@@ -244,7 +244,8 @@ def generate(
     mask_threshold: Annotated[Optional[str], typer.Option("--mask-threshold", help="otsu, or a fixed value in (0, 1).")] = None,
     max_counterfactual_coverage: Annotated[Optional[float], typer.Option("--max-counterfactual-coverage", help="Flag pairs whose negative still covers more of a class mask.")] = None,
     drop_failed_pairs: Annotated[bool, typer.Option("--drop-failed-pairs", help="Drop pairs that fail the counterfactual check instead of flagging them.")] = False,
-    backend: Annotated[str, typer.Option("--backend", help="torch, or compile (torch.compile; CUDA graphs on a GPU).")] = "torch",
+    backend: Annotated[str, typer.Option("--backend", help="torch, compile (torch.compile; CUDA graphs on a GPU) or onnxruntime (with --engines; masks off).")] = "torch",
+    engines: Annotated[Optional[Path], typer.Option("--engines", help="Folder written by build-engines, for --backend onnxruntime.")] = None,
     detector_model: Annotated[Optional[str], typer.Option("--detector-model", help="Grounding DINO folder or hub id (tiny: random, for tests).")] = None,
     box_threshold: Annotated[Optional[float], typer.Option("--box-threshold", help="Detector box threshold.")] = None,
     text_threshold: Annotated[Optional[float], typer.Option("--text-threshold", help="Detector text threshold.")] = None,
@@ -294,7 +295,7 @@ def generate(
         raise UsageError("say what to render: --classes NAME|FILE with --num-pairs N, or --prompts FILE")
     plan = open_run(out, config, records, resume, overwrite)
     # Models load before the run directory is touched, so a bad --model leaves nothing behind.
-    sampler = build_sampler(config, device, backend)
+    sampler = build_sampler(config, device, backend, engines)
     masks = build_mask_stage(config, sampler)
     if plan.fresh:
         start_run(out, config, plan.records)
@@ -392,6 +393,54 @@ def masks(
     stderr.print(f"{summary.generated} pairs annotated, {summary.already_done} were already done; "
                  f"{summary.flagged + summary.dropped} failed the counterfactual check ({verb}). Shards: {out / 'shards'}",
                  highlight=False)
+
+
+class EngineFormat(str, Enum):
+    onnx = "onnx"
+    tensorrt = "tensorrt"
+
+
+@app.command("build-engines")
+@reports_usage_errors
+def build_engines_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the ONNX files, engines and manifest.json.")],
+    preset: Annotated[str, typer.Option("--preset", help="tiny, sd15-random or sd15.")] = "tiny",
+    model: Annotated[Optional[str], typer.Option("--model", help="Diffusers folder or hub id (preset sd15).")] = None,
+    fmt: Annotated[EngineFormat, typer.Option("--format", help="onnx, or tensorrt (ONNX, then engines).")] = EngineFormat.onnx,
+    precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16 (half precision needs a GPU).")] = "fp32",
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="UNet/decoder batch range for TensorRT profiles.")] = "1,8,16",
+    components: Annotated[str, typer.Option("--components", help="Comma-separated components.")] =
+        "unet,vae-decoder,text-encoder,sam-image-encoder,sam-mask-decoder",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of random weights (tiny, sd15-random).")] = 0,
+    sam_model: Annotated[Optional[str], typer.Option("--sam-model", help="tiny, vit_b, vit_l or vit_h.")] = None,
+    sam_checkpoint: Annotated[Optional[str], typer.Option("--sam-checkpoint", help="segment-anything .pth.")] = None,
+    size: Annotated[Optional[tuple[int, int]], typer.Option("--size", help="Image height and width the exports are for.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Export UNet, VAE decoder, text encoder and SAM to ONNX (checked against torch), and build TensorRT engines."""
+    from magicseg_engine.config import load_preset
+    from magicseg_engine.engine.build import build_engines, parse_batch_sizes, parse_components
+
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise UsageError(f"--precision {precision!r}: choose fp32, fp16 or bf16")
+    names = parse_components(components)
+    sizes = parse_batch_sizes(batch_sizes)
+    device = _resolve_device(device)
+    config = load_preset(preset, {
+        "seed": seed,
+        "diffusion": {"model": model, "height": size[0] if size else None, "width": size[1] if size else None},
+        "sam": {"model_type": sam_model, "checkpoint": sam_checkpoint},
+    })
+    if config.diffusion.weights == "pretrained" and any(c.startswith("sam") for c in names) and not config.sam.checkpoint:
+        raise UsageError("exporting SAM for real diffusion weights needs --sam-checkpoint, or leave SAM out of --components")
+    with stderr.status(f"exporting {', '.join(names)} ({fmt.value}, {precision})"):
+        manifest = build_engines(config, out, fmt=fmt.value, precision=precision, batch_sizes=sizes,
+                                 components=names, device=device)
+    for e in manifest["components"]:
+        check = e.get("onnxruntime_parity")
+        stderr.print(f"{e['component']}: {e['path']}" + (f", onnxruntime vs torch max abs {check['max_abs']:.2e}" if check else "")
+                     + (f", engine {e['engine']}" if "engine" in e else ""), highlight=False)
+    stderr.print(f"manifest: {out / 'manifest.json'}", highlight=False)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure this engine against a baseline in the same run.")

@@ -306,7 +306,8 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def build_sampler(config: RunConfig, device: str | torch.device, backend: str = "torch") -> PairedSampler:
+def build_sampler(config: RunConfig, device: str | torch.device, backend: str = "torch",
+                  engines: Path | None = None) -> PairedSampler:
     """Load the run's diffusion models and wrap them in a paired sampler running on `backend`."""
     check_model_settings(config)
     if backend not in BACKENDS:
@@ -320,7 +321,9 @@ def build_sampler(config: RunConfig, device: str | torch.device, backend: str = 
     models = load_diffusion(d, device, dtype, seed=config.seed)
     settings = SamplingSettings(height=d.height, width=d.width, steps=d.steps, guidance=d.guidance,
                                 scheduler=d.scheduler, independent_noise=d.independent_noise)
-    return PairedSampler(models, settings, device, dtype, runners=make_runners(backend, models))
+    latent_shape = (models.latent_channels, d.height // models.vae_scale_factor, d.width // models.vae_scale_factor)
+    return PairedSampler(models, settings, device, dtype,
+                         runners=make_runners(backend, models, engines, latent_shape))
 
 
 @dataclass

@@ -158,8 +158,7 @@ class PairedSampler:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        scaled = latents / self.models.vae.config.scaling_factor
-        chunks = [self.runners.decode(part) for part in scaled.split(self.settings.vae_batch_size)]
+        chunks = [self.runners.decode(part) for part in latents.split(self.settings.vae_batch_size)]
         return to_uint8_images(torch.cat(chunks))
 
     def __call__(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int],

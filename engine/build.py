@@ -1,0 +1,137 @@
+"""build-engines: export the models of a preset to ONNX, check them, and build TensorRT engines.
+
+The output folder holds `onnx/{component}.onnx`, `tensorrt/*.engine` when asked, and
+`manifest.json`, which names the weights the files came from (the model id of the diffusion
+models) so that a backend never runs files exported from other weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from magicseg_engine.atomic import atomic_write_text, check_writable_dir
+from magicseg_engine.config import RunConfig, library_versions
+from magicseg_engine.engine.export import (
+    COMPONENTS,
+    DIFFUSION_COMPONENTS,
+    SAM_COMPONENTS,
+    ExportedModel,
+    check_exported,
+    export_component,
+    load_exported,
+    parity,
+    sample_inputs,
+)
+from magicseg_engine.errors import UsageError
+
+MANIFEST = "manifest.json"
+# Dims of the SAM mask decoder that are not the batch: prompts per image and prompt tokens
+# (a box is 2 tokens, each point 1, plus SAM's padding point).
+SAM_DECODER_DIMS = {"images": 1, "prompts": 8, "tokens": 5}
+
+
+def parse_components(text: str) -> tuple[str, ...]:
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    unknown = [c for c in names if c not in COMPONENTS]
+    if unknown or not names:
+        raise UsageError(f"--components: {', '.join(unknown) or 'none given'}; choose from {', '.join(COMPONENTS)}")
+    return names
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise UsageError(f"--batch-sizes {text!r}: give positive integers separated by commas, e.g. 1,8,16") from None
+    if not sizes or min(sizes) <= 0:
+        raise UsageError(f"--batch-sizes {text!r}: give positive integers separated by commas, e.g. 1,8,16")
+    return tuple(sorted(set(sizes)))
+
+
+def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, batch_sizes: Sequence[int],
+                  components: Sequence[str], device: str) -> dict:
+    """Export (and with fmt "tensorrt", build) each component; write and return the manifest."""
+    from magicseg_engine.generate.models import load_diffusion, resolve_dtype
+    from magicseg_engine.masks.sam import build_sam
+
+    if fmt == "tensorrt":
+        from magicseg_engine.engine.tensorrt import require_tensorrt
+
+        require_tensorrt()  # before any model loads or any file is written
+    check_writable_dir(out)
+    dtype = resolve_dtype("float32", device)
+    models = sam = None
+    if any(c in DIFFUSION_COMPONENTS for c in components):
+        models = load_diffusion(config.diffusion, device, dtype, seed=config.seed)
+    if any(c in SAM_COMPONENTS for c in components):
+        sam = build_sam(config.sam.model_type, config.sam.checkpoint, device=device, dtype=dtype, seed=config.seed)
+
+    entries = []
+    for component in components:
+        source = models if component in DIFFUSION_COMPONENTS else sam
+        exported = export_component(component, source, out / "onnx", precision=precision)
+        check_exported(exported)
+        entry = {"component": component, "format": "onnx", "path": str(exported.path.relative_to(out)),
+                 "sha256": exported.sha256, "precision": exported.precision, "opset": exported.opset,
+                 "input_shapes": {k: list(v) for k, v in exported.input_shapes.items()},
+                 "external_data": exported.external_data}
+        if precision == "fp32":
+            # One sample through onnxruntime against torch: a broken export is caught here, not mid-run.
+            check = parity(component, source, exported, sample_inputs(component, source, batch=1))
+            entry["onnxruntime_parity"] = {"max_abs": check["max_abs"], "max_rel": check["max_rel"]}
+        if fmt == "tensorrt":
+            from magicseg_engine.engine.tensorrt import build_engine
+
+            engine = build_engine(exported, out / "tensorrt", batch_sizes, precision,
+                                  fixed_dims=SAM_DECODER_DIMS if component == "sam-mask-decoder" else None,
+                                  timing_cache_path=out / "tensorrt" / "timing.cache")
+            entry["engine"] = str(Path(engine).relative_to(out))
+        entries.append(entry)
+
+    manifest = {
+        "model_id": models.model_id if models is not None else None,
+        "sam": {"model_type": config.sam.model_type, "checkpoint": config.sam.checkpoint} if sam is not None else None,
+        "preset": config.preset, "format": fmt, "precision": precision, "batch_sizes": list(batch_sizes),
+        "components": entries, "versions": library_versions(),
+    }
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def load_components(engines: Path, model_id: str, needed: Sequence[str]) -> dict[str, ExportedModel]:
+    """The verified ONNX exports of `needed` in `engines`, refusing files made from other weights."""
+    path = engines / MANIFEST
+    if not path.is_file():
+        raise UsageError(f"{engines} holds no {MANIFEST}; run magicseg-engine build-engines --out {engines} first")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("model_id") != model_id:
+        raise UsageError(f"the engines in {engines} were exported from other weights ({manifest.get('model_id')}, "
+                         f"this run uses {model_id}); run build-engines again with the same preset, model and seed")
+    listed = {e["component"]: e for e in manifest["components"]}
+    missing = [c for c in needed if c not in listed]
+    if missing:
+        raise UsageError(f"{engines} has no {', '.join(missing)}; run build-engines with --components "
+                         f"{','.join(needed)}")
+    exported = {}
+    for component in needed:
+        e = load_exported(engines / listed[component]["path"])
+        if e.sha256 != listed[component]["sha256"]:
+            raise UsageError(f"{e.path} changed since build-engines wrote it; run build-engines again")
+        exported[component] = e
+    return exported
+
+
+def check_latent_size(exported: ExportedModel, latent_shape: Sequence[int]) -> None:
+    """Spatial sizes are fixed at export: a run at another image size needs another export."""
+    sample = tuple(exported.input_shapes["sample"][1:])
+    if sample != tuple(latent_shape):
+        raise UsageError(f"the UNet in {exported.path} was exported for latents {sample}, this run needs "
+                         f"{tuple(latent_shape)}; run build-engines for this --size")
+
+
+def to_numpy_inputs(inputs: dict[str, torch.Tensor]) -> dict:
+    return {k: v.detach().cpu().numpy() for k, v in inputs.items()}

@@ -1,0 +1,91 @@
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from magicseg_engine.cli import app
+from magicseg_engine.data.shards import iter_samples
+from magicseg_engine.engine.export import COMPONENTS
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    result = invoke("build-engines", "--preset", "tiny", "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_manifest_lists_every_component_checked_against_torch(engines):
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert [e["component"] for e in manifest["components"]] == ["unet", "vae-decoder", "text-encoder",
+                                                                "sam-image-encoder", "sam-mask-decoder"]
+    assert manifest["model_id"].startswith("tiny-random:seed=0")
+    for e in manifest["components"]:
+        assert (engines / e["path"]).is_file() and e["format"] == "onnx" and e["precision"] == "fp32"
+        assert e["onnxruntime_parity"]["max_abs"] < 1e-4
+        assert set(COMPONENTS) >= {e["component"]}
+    unet = next(e for e in manifest["components"] if e["component"] == "unet")
+    assert unet["input_shapes"]["sample"] == ["batch", 4, 8, 8]
+
+
+def test_onnxruntime_backend_draws_what_torch_draws(engines, tmp_path):
+    runs = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        args = ["generate", "--classes", "voc", "--num-pairs", 3, "--out", out, "--mask-source", "none",
+                "--device", "cpu", "--backend", backend]
+        if backend == "onnxruntime":
+            args += ["--engines", engines]
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        runs[backend] = {s["__key__"]: s for s in iter_samples(out)}
+    assert set(runs["torch"]) == set(runs["onnxruntime"])  # same keys: the backend is not part of a sample's identity
+    for key, s in runs["torch"].items():
+        for image in ("pos.jpg", "neg.jpg"):
+            a = np.asarray(Image.open(io.BytesIO(s[image])), dtype=int)
+            b = np.asarray(Image.open(io.BytesIO(runs["onnxruntime"][key][image])), dtype=int)
+            assert np.abs(a - b).mean() < 0.5 and np.abs(a - b).max() <= 8  # JPEG of images within float error
+
+
+def test_engines_of_other_weights_or_sizes_are_refused(engines, tmp_path):
+    base = ["generate", "--classes", "voc", "--num-pairs", 1, "--mask-source", "none", "--device", "cpu",
+            "--backend", "onnxruntime", "--engines", engines]
+    result = invoke(*base, "--out", tmp_path / "a", "--seed", 3)
+    assert result.exit_code == 2 and "exported from other weights" in result.stderr
+    result = invoke(*base, "--out", tmp_path / "b", "--size", 128, 128)
+    assert result.exit_code == 2 and "exported for latents" in result.stderr
+    result = invoke("generate", "--classes", "voc", "--num-pairs", 1, "--mask-source", "none", "--device", "cpu",
+                    "--backend", "onnxruntime", "--out", tmp_path / "c")
+    assert result.exit_code == 2 and "needs --engines" in result.stderr
+    result = invoke("generate", "--classes", "voc", "--num-pairs", 1, "--device", "cpu",
+                    "--backend", "onnxruntime", "--engines", engines, "--out", tmp_path / "d")
+    assert result.exit_code == 2 and "cannot capture cross-attention" in result.stderr
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--format", "tensorrt"], "TensorRT is not installed"),
+        (["--components", "unet,vae"], "--components: vae"),
+        (["--batch-sizes", "1,x"], "--batch-sizes '1,x'"),
+        (["--batch-sizes", "0,8"], "--batch-sizes '0,8'"),
+        (["--precision", "fp8"], "--precision 'fp8'"),
+        (["--precision", "fp16"], "fp16"),
+    ],
+)
+def test_build_engines_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "engines"
+    result = invoke("build-engines", "--out", out, "--device", "cpu", "--components", "text-encoder", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    if out.exists():  # refused after the folder was made: still no file in it
+        assert not list(out.rglob("*.*"))
