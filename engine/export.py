@@ -70,7 +70,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -923,6 +923,15 @@ def onnxruntime_session(
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def torch_callable(component: str, source: Any) -> Callable[..., Any]:
+    """The torch computation that `component` of `source` was exported from, taking the
+    export's inputs in order: the reference for parity checks and backend benchmarks."""
+    _check_component(component)
+    wrapper = _wrap(component, _network(component, source))
+    wrapper.eval()
+    return wrapper
 
 
 def parity(

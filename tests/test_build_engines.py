@@ -89,3 +89,16 @@ def test_build_engines_bad_input_exits_2_and_writes_nothing(tmp_path, args, mess
     assert message in result.stderr
     if out.exists():  # refused after the folder was made: still no file in it
         assert not list(out.rglob("*.*"))
+
+
+def test_backends_benchmark_times_every_component_at_every_batch(engines, tmp_path):
+    out = tmp_path / "backends.json"
+    result = invoke("bench", "backends", "--engines", engines, "--batch-sizes", "1,2", "--reps", 1, "--warmup", 0,
+                    "--device", "cpu", "--json", out)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["component"], r["batch"]) for r in rows] == [
+        (c, b) for c in ("text-encoder", "unet", "vae-decoder") for b in (1, 2)]
+    for r in rows:
+        assert r["onnxruntime_speedup"] == pytest.approx(r["torch"]["median_s"] / r["onnxruntime"]["median_s"])
+        assert r["torch"]["items_per_s"] == pytest.approx(r["batch"] / r["torch"]["median_s"])

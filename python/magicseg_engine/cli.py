@@ -531,6 +531,43 @@ def bench_masks_command(
                  f"SAM batched {result['sam']['speedup']:.2f}x faster than one at a time", highlight=False)
 
 
+@bench_app.command("backends")
+@reports_usage_errors
+def bench_backends_command(
+    engines: Annotated[Path, typer.Option("--engines", help="Folder written by build-engines for this preset.")],
+    preset: Annotated[str, typer.Option("--preset", help="The preset the engines were built for.")] = "tiny",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of random weights, as given to build-engines.")] = 0,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,2,4",
+    reps: Annotated[int, typer.Option("--reps", help="Timed repetitions (median reported).")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed repetitions first.")] = 1,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+) -> None:
+    """Text encoder, UNet and VAE decoder: torch against onnxruntime at several batch sizes."""
+    from magicseg_engine.atomic import atomic_write_text
+    from magicseg_engine.bench.backends import bench_backends
+    from magicseg_engine.config import load_preset
+    from magicseg_engine.engine.build import parse_batch_sizes
+    from magicseg_engine.generate.models import load_diffusion, resolve_dtype
+
+    if reps <= 0 or warmup < 0:
+        raise UsageError("--reps must be positive, --warmup not negative")
+    sizes = parse_batch_sizes(batch_sizes)
+    device = _resolve_device(device)
+    config = load_preset(preset, {"seed": seed})
+    models = load_diffusion(config.diffusion, device, resolve_dtype("float32", device), seed=config.seed)
+    result = bench_backends(models, engines, batch_sizes=sizes, warmup=warmup, reps=reps)
+    text = json.dumps(result, indent=2) + "\n"
+    if json_out:
+        atomic_write_text(json_out, text)
+    else:
+        sys.stdout.write(text)
+    for row in result["results"]:
+        stderr.print(f"{row['component']:>12} batch {row['batch']:>2}: torch {1e3 * row['torch']['median_s']:.1f} ms, "
+                     f"onnxruntime {1e3 * row['onnxruntime']['median_s']:.1f} ms ({row['onnxruntime_speedup']:.2f}x)",
+                     highlight=False)
+
+
 def _resolve_device(device: str) -> str:
     import torch
 
