@@ -27,6 +27,17 @@ class DiffusionRunners:
     supports_attention_capture: bool
 
 
+def require_onnx() -> None:
+    """Raise a UsageError naming the extra to install when onnx or onnxruntime is missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        from magicseg_engine.errors import UsageError
+
+        raise UsageError(f"ONNX export and onnxruntime need {err.name}: pip install 'magicseg-engine[onnx]'") from None
+
+
 def torch_runners(models) -> DiffusionRunners:
     return DiffusionRunners(
         backend="torch",
@@ -62,6 +73,7 @@ def onnxruntime_runners(models, engines: Path, latent_shape) -> DiffusionRunners
     Inputs and outputs cross as numpy arrays: on a GPU that is a copy each way per call, which
     an IO-binding runner would avoid.
     """
+    require_onnx()
     from magicseg_engine.engine.build import check_latent_size, load_components, to_numpy_inputs
     from magicseg_engine.engine.export import DIFFUSION_COMPONENTS, onnxruntime_session
 

@@ -42,3 +42,13 @@ def test_cli_backend_flag(tmp_path):
                                       "--backend", "onnx", "--device", "cpu"])
     assert result.exit_code == 2 and "unknown backend 'onnx'" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_missing_onnx_is_one_line_naming_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    result = CliRunner().invoke(app, ["build-engines", "--out", str(tmp_path / "e"), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "pip install 'magicseg-engine[onnx]'" in result.stderr and "onnxruntime" in result.stderr
+    assert not (tmp_path / "e").exists()

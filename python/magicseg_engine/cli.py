@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -52,7 +53,8 @@ def reports_usage_errors(command):
         try:
             return command(*args, **kwargs)
         except UsageError as err:
-            stderr.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
+            # The message is plain text: brackets in it ("magicseg-engine[onnx]") are not markup.
+            stderr.print(f"[bold red]error:[/] {escape(str(err))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(code=UsageError.exit_code) from None
 
     return wrapper
@@ -419,6 +421,9 @@ def build_engines_command(
 ) -> None:
     """Export UNet, VAE decoder, text encoder and SAM to ONNX (checked against torch), and build TensorRT engines."""
     from magicseg_engine.config import load_preset
+    from magicseg_engine.engine.backends import require_onnx
+
+    require_onnx()
     from magicseg_engine.engine.build import build_engines, parse_batch_sizes, parse_components
 
     if precision not in ("fp32", "fp16", "bf16"):
@@ -545,6 +550,9 @@ def bench_backends_command(
 ) -> None:
     """Text encoder, UNet and VAE decoder: torch against onnxruntime at several batch sizes."""
     from magicseg_engine.atomic import atomic_write_text
+    from magicseg_engine.engine.backends import require_onnx
+
+    require_onnx()
     from magicseg_engine.bench.backends import bench_backends
     from magicseg_engine.config import load_preset
     from magicseg_engine.engine.build import parse_batch_sizes
