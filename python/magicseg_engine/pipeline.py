@@ -1,8 +1,10 @@
-"""Compose the stages batch by batch: prompt records → paired images → WebDataset shards.
+"""Compose the stages batch by batch: prompt records → paired images and masks → WebDataset shards.
 
-The GPU (or CPU) thread only samples; JPEG encoding and shard writing run in a background
-thread with a small pool of encoders, behind a bounded queue, so the next batch denoises while
-the last one is written, and a slow disk slows generation down instead of filling memory.
+The GPU (or CPU) thread only samples and annotates; JPEG/PNG encoding and shard writing run in
+a background thread with a small pool of encoders, behind a bounded queue, so the next batch
+denoises while the last one is written, and a slow disk slows generation down instead of
+filling memory. The run directory rules (new, resume, overwrite) live here too, so that every
+command that writes a run — generate, masks — follows the same ones.
 """
 
 from __future__ import annotations
@@ -27,14 +29,14 @@ from PIL import Image
 from magicseg_engine.atomic import atomic_write_text, check_writable_dir
 from magicseg_engine.config import RunConfig, library_versions
 from magicseg_engine.data.shards import MANIFEST, SHARDS_DIR, ShardWriter, finished_keys, iter_samples, sample_key
-from magicseg_engine.errors import UsageError
 from magicseg_engine.engine.backends import BACKENDS, CAPTURING_BACKENDS, make_runners
+from magicseg_engine.errors import UsageError
 from magicseg_engine.generate.attention import AttentionCapture
 from magicseg_engine.generate.models import load_diffusion, resolve_dtype
+from magicseg_engine.generate.sampler import PairBatch, PairedSampler, SamplingSettings
 from magicseg_engine.masks.annotate import MaskAnnotator, PairAnnotation
 from magicseg_engine.masks.detector import build_detector
 from magicseg_engine.masks.sam import SamRefiner, build_sam
-from magicseg_engine.generate.sampler import PairBatch, PairedSampler, SamplingSettings
 from magicseg_engine.prompts.records import PromptRecord, read_records, write_records
 
 log = logging.getLogger(__name__)
