@@ -78,7 +78,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from magicseg_engine.atomic import _fsync_dir, check_writable_dir
+from magicseg_engine.atomic import fsync_dir, check_writable_dir
 from magicseg_engine.errors import UsageError
 
 if TYPE_CHECKING:
@@ -817,7 +817,7 @@ def export_component(
         if not external:
             with contextlib.suppress(FileNotFoundError):
                 (out_dir / data_name).unlink()
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     return described
 
 

@@ -53,7 +53,7 @@ def atomic_output(path: Path, mode: str = "w", encoding: str | None = "utf-8") -
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -61,7 +61,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     # Makes the rename itself durable; not every filesystem allows opening a directory.
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)

@@ -52,7 +52,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from magicseg_engine.atomic import _fsync_dir, atomic_output, check_writable_dir
+from magicseg_engine.atomic import fsync_dir, atomic_output, check_writable_dir
 from magicseg_engine.errors import UsageError
 
 MANIFEST = "manifest.jsonl"
@@ -469,7 +469,7 @@ def _repair_shards(run_dir: Path, entries: list[ShardInfo], fd: int, own_writer:
             if lock is not None:
                 os.close(lock)
     if done.removed:
-        _fsync_dir(run_dir / SHARDS_DIR)
+        fsync_dir(run_dir / SHARDS_DIR)
     return done
 
 
