@@ -56,8 +56,30 @@ Choices, and why:
   name and renamed into place. The file records its component and precision as metadata,
   so ``load_exported`` gives back the same ``ExportedModel``.
 
-Not exported: attention-capture maps as extra UNet outputs (the capture runs in torch only),
-and the SAM prompt encoder (points and boxes are embedded in torch; it is a few small ops).
+Attention capture: ``export_component("unet", models, out_dir, capture_layers=capture.layers)``
+(the name -> factor dict of an ``AttentionCapture``) writes ``unet-capture.onnx``, the UNet
+with the capture's class-attention maps as extra outputs, next to the plain ``unet.onnx``:
+
+==================  ==================================================  ===================================
+component           inputs                                              outputs
+==================  ==================================================  ===================================
+unet-capture        the unet's three inputs, plus                       noise_pred [batch, 4, h, w],
+                    query_rows [rows] int64,                            maps_f{factor} [rows, classes, N]
+                    key_rows [rows] int64,                              float32, one per captured factor
+                    token_index [rows, classes, tokens] int64           (ascending), N = (h/f)*(w/f)
+==================  ==================================================  ===================================
+
+Map row r reads the queries of batch row ``query_rows[r]`` against the keys of batch row
+``key_rows[r]`` (AttentionCapture's positive rows read positive queries and keys, its
+negative rows negative queries and the positive keys); ``token_index[r, c]`` lists class
+c's token positions, -1 padding. ``maps_f{factor}`` is, for this one UNet call, the sum over
+the captured layers at that factor of the head-averaged class attention, the same quantity
+as ``class_attention_reference``; accumulating over steps and upsampling is the caller's.
+The noise prediction is the plain UNet's. The file records its layers as metadata
+(``magicseg.capture_layers``, JSON name -> factor).
+
+Not exported: the SAM prompt encoder (points and boxes are embedded in torch; it is a few
+small ops).
 """
 
 from __future__ import annotations
@@ -65,6 +87,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -90,6 +113,10 @@ if TYPE_CHECKING:
 COMPONENTS = ("text-encoder", "unet", "vae-decoder", "sam-image-encoder", "sam-mask-decoder")
 DIFFUSION_COMPONENTS = COMPONENTS[:3]
 SAM_COMPONENTS = COMPONENTS[3:]
+# The UNet with attention-capture outputs: a variant of "unet" (export_component("unet", ...,
+# capture_layers=...)), named apart in its file and metadata.
+CAPTURE_COMPONENT = "unet-capture"
+CAPTURE_INPUTS = ("query_rows", "key_rows", "token_index")
 PRECISIONS = ("fp32", "fp16", "bf16")
 # The TorchScript exporter writes opsets up to 20; 17 is the first with LayerNormalization.
 MIN_OPSET, MAX_OPSET = 17, 20
@@ -215,6 +242,142 @@ class _SamMaskDecoder(torch.nn.Module):
         masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, dec.num_mask_tokens - 1, h, w)
         iou_pred = dec.iou_prediction_head(iou_token_out)[:, 1:]
         return masks, iou_pred
+
+
+class _ExportCaptureProcessor:
+    """Stands in for a cross-attention processor while the capture variant is traced.
+
+    Returns what the processor it replaced returns; also adds the layer's class attention
+    (the math of ``class_attention_reference``, in plain torch ops) to its owner's sum for
+    the layer's factor.
+    """
+
+    def __init__(self, owner: _UNetCapture, original: Any, factor: int) -> None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.owner = owner
+        self.original = original
+        self.factor = factor
+        self._inline = type(original) is AttnProcessor2_0
+
+    # Parameter names as AttnProcessor2_0's: Attention.forward drops keywords a processor does not name.
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        from magicseg_engine.generate.attention import _project, _sdpa_attention
+
+        if encoder_hidden_states is None:
+            return self._call_original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+        if self._inline and not kwargs:
+            out, query, key = _sdpa_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            # SDPA's own scale, which ignores attn.scale.
+            scale = float(query.shape[-1]) ** -0.5
+        else:
+            out = self._call_original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+            query, key = _project(attn, hidden_states, encoder_hidden_states, temb)
+            scale = float(attn.scale)
+        self.owner._record(self.factor, query, key, scale)
+        return out
+
+    def _call_original(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs):
+        if temb is not None:
+            kwargs = {**kwargs, "temb": temb}
+        return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                             attention_mask=attention_mask, **kwargs)
+
+
+def _class_attention(q: torch.Tensor, k: torch.Tensor, token_index: torch.Tensor, scale: float) -> torch.Tensor:
+    """[R, C, N] float32, as class_attention_reference, in ops that export with R, C, T dynamic.
+
+    The class gather is a [R, C, L] count matrix (how often each key appears among a class's
+    positions; -1 matches none) multiplied with the head-averaged probabilities.
+    """
+    probs = torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale, dim=-1).mean(dim=1)
+    keys = torch.arange(k.shape[2], device=k.device, dtype=token_index.dtype)
+    select = (token_index.unsqueeze(-1) == keys).to(probs.dtype).sum(dim=2)  # [R, C, L]
+    return torch.matmul(select, probs.transpose(1, 2))  # [R, C, N]
+
+
+class _UNetCapture(torch.nn.Module):
+    """The UNet plus, per captured factor, the sum of its layers' class attention for one call."""
+
+    def __init__(self, unet: torch.nn.Module, layers: Mapping[str, int]) -> None:
+        super().__init__()
+        self.unet = unet
+        self.layers = dict(layers)
+        self.factors = tuple(sorted(set(self.layers.values())))
+        self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._sums: dict[int, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The export processors on the captured layers inside; the originals back on exit."""
+        modules = dict(self.unet.named_modules())
+        originals = {name: modules[name].processor for name in self.layers}
+        try:
+            for name, factor in self.layers.items():
+                modules[name].set_processor(_ExportCaptureProcessor(self, originals[name], factor))
+            yield
+        finally:
+            for name, processor in originals.items():
+                modules[name].set_processor(processor)
+
+    def _record(self, factor: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        query_rows, key_rows, token_index = self._rows
+        maps = _class_attention(query.index_select(0, query_rows), key.index_select(0, key_rows), token_index, scale)
+        previous = self._sums.get(factor)
+        self._sums[factor] = maps if previous is None else previous + maps
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                query_rows: torch.Tensor, key_rows: torch.Tensor, token_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._rows = (query_rows, key_rows, token_index)
+        self._sums = {}
+        try:
+            noise = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+            sums = dict(self._sums)
+        finally:
+            self._rows = None
+            self._sums = {}
+        missing = [f for f in self.factors if f not in sums]
+        if missing:
+            raise RuntimeError(f"no captured layer ran at factor(s) {missing}: are they cross-attention layers?")
+        return (noise, *(sums[f] for f in self.factors))
+
+
+def _capture_spec(factors: Sequence[int]) -> _Spec:
+    base = _SPECS["unet"]
+    outputs = tuple(f"maps_f{f}" for f in factors)
+    dynamic = dict(base.dynamic)
+    dynamic.update({"query_rows": {0: "rows"}, "key_rows": {0: "rows"},
+                    "token_index": {0: "rows", 1: "classes", 2: "tokens"}})
+    dynamic.update({name: {0: "rows", 1: "classes"} for name in outputs})
+    return _Spec(base.inputs + CAPTURE_INPUTS, base.outputs + outputs, dynamic)
+
+
+def _check_capture_layers(net: torch.nn.Module, capture_layers: Mapping[str, int]) -> dict[str, int]:
+    from magicseg_engine.generate.attention import cross_attention_layers
+
+    layers = {str(n): int(f) for n, f in dict(capture_layers).items()}
+    if not layers:
+        raise UsageError("capture_layers is empty; pass AttentionCapture(...).layers")
+    available = cross_attention_layers(net)
+    unknown = sorted(set(layers) - set(available))
+    if unknown:
+        raise UsageError(f"not cross-attention modules of this UNet: {', '.join(unknown)}")
+    wrong = sorted(n for n, f in layers.items() if available[n] != f)
+    if wrong:
+        raise UsageError(f"capture_layers gives factors other than the UNet's for {', '.join(wrong)}")
+    return layers
+
+
+def capture_callable(module_or_models: Any, capture_layers: Mapping[str, int]) -> Callable[..., Any]:
+    """The torch computation unet-capture is exported from, inputs in the export's order.
+
+    Use it as ``with f.installed(): f(*inputs)``: outside, the captured layers keep their
+    processors and nothing is recorded.
+    """
+    net = _network("unet", module_or_models)
+    wrapper = _UNetCapture(net, _check_capture_layers(net, capture_layers))
+    wrapper.eval()
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -679,7 +842,7 @@ def _describe(path: Path, model: onnx.ModelProto, sha256: str, external: bool) -
     meta = {p.key: p.value for p in model.metadata_props}
     component = meta.get(_META_PREFIX + "component")
     precision = meta.get(_META_PREFIX + "precision")
-    if component not in COMPONENTS or precision not in PRECISIONS:
+    if component not in COMPONENTS + (CAPTURE_COMPONENT,) or precision not in PRECISIONS:
         raise ExportError(f"{path} was not written by this exporter: it does not name its component and precision")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     values = list(model.graph.input) + list(model.graph.output)
@@ -737,8 +900,13 @@ def export_component(
     opset: int = 18,
     latent_size: int | Sequence[int] | None = None,
     external_data: bool | None = None,
+    capture_layers: Mapping[str, int] | None = None,
 ) -> ExportedModel:
     """Export `component` of `module_or_models` to `out_dir/{component}.onnx`, checked.
+
+    `capture_layers` (unet only; name -> factor, as ``AttentionCapture(...).layers``)
+    exports the capture variant instead, to `out_dir/unet-capture.onnx`: the UNet with its
+    class-attention maps as extra outputs (see the module docstring).
 
     `module_or_models` is DiffusionModels (or the one module) for the diffusion components
     and a Sam (or its image encoder, for the encoder) for the SAM ones; it is left as it
@@ -756,18 +924,32 @@ def export_component(
     out_dir = Path(out_dir)
     check_writable_dir(out_dir)
     _check_processors(component, _network(component, module_or_models))
+    layers = None
+    if capture_layers is not None:
+        if component != "unet":
+            raise UsageError(f"capture_layers applies to the unet, not the {component}")
+        layers = _check_capture_layers(_network(component, module_or_models), capture_layers)
     wrapper = _prepared(component, module_or_models, precision)
-    spec = _SPECS[component]
-    # Traced at batch 2: at 1 the tracer could take the batch for a broadcastable constant.
-    example = _export_inputs(component, module_or_models, wrapper, latent_size)
-    final = out_dir / f"{component}.onnx"
+    installed: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if layers is None:
+        spec = _SPECS[component]
+        name = component
+        # Traced at batch 2: at 1 the tracer could take the batch for a broadcastable constant.
+        example = _export_inputs(component, module_or_models, wrapper, latent_size)
+    else:
+        wrapper = _UNetCapture(wrapper.unet, layers)
+        installed = wrapper.installed()
+        spec = _capture_spec(wrapper.factors)
+        name = CAPTURE_COMPONENT
+        example = _capture_export_inputs(module_or_models, wrapper, latent_size)
+    final = out_dir / f"{name}.onnx"
     data_name = final.name + ".data"
 
     with tempfile.TemporaryDirectory(prefix=f".{final.name}.", suffix=".tmp", dir=out_dir) as tmp:
         tmp_dir = Path(tmp)
         raw = tmp_dir / "raw" / final.name
         raw.parent.mkdir()
-        with _quiet_export(), _eval_mode(wrapper), torch.no_grad():
+        with _quiet_export(), _eval_mode(wrapper), torch.no_grad(), installed:
             torch.onnx.export(
                 wrapper,
                 tuple(example[name] for name in spec.inputs),
@@ -780,11 +962,16 @@ def export_component(
                 output_names=list(spec.outputs),
                 dynamic_axes=spec.dynamic,
             )
+        example_hw = tuple(example["sample"].shape[-2:]) if layers is not None else None
         del example
         model = onnx.load(str(raw), load_external_data=True)
         shutil.rmtree(raw.parent)
         _clean_graph(model)
-        meta = {"component": component, "precision": precision, "exporter": "torch.onnx TorchScript"}
+        if layers is not None:
+            _fix_map_sizes(model, example_hw, wrapper.factors)
+        meta = {"component": name, "precision": precision, "exporter": "torch.onnx TorchScript"}
+        if layers is not None:
+            meta["capture_layers"] = json.dumps(layers, sort_keys=True)
         if component == "vae-decoder":
             meta["vae_scaling_factor"] = repr(wrapper.scaling_factor)
         onnx.helper.set_model_props(model, {_META_PREFIX + k: v for k, v in meta.items()})
@@ -809,7 +996,7 @@ def export_component(
             _fsync(f)
         sha256 = _sha256(files)
         described = _describe(final, onnx.load(str(staged), load_external_data=False), sha256, external)
-        _check(staged, component)
+        _check(staged, name)
         # Weights first: the .onnx that appears names a data file already in place.
         if external:
             os.replace(staged_data, out_dir / data_name)
@@ -834,6 +1021,37 @@ def _export_inputs(
         name: t.to(p.device, p.dtype) if t.is_floating_point() and name != "timestep" else t.to(p.device)
         for name, t in inputs.items()
     }
+
+
+def _capture_export_inputs(
+    module_or_models: Any, wrapper: _UNetCapture, latent_size: int | Sequence[int] | None
+) -> dict[str, torch.Tensor]:
+    """The unet's example inputs at batch 4 (one guided pair), read by 3 map rows, 2 classes, 3 tokens.
+
+    Every dynamic size differs from the others and from the static ones, so that the tracer
+    cannot take one for another.
+    """
+    p = next(wrapper.parameters())
+    inputs = sample_inputs("unet", module_or_models, 4, latent_size=latent_size)
+    inputs = {name: t.to(p.device, p.dtype) if name != "timestep" else t.to(p.device) for name, t in inputs.items()}
+    inputs["query_rows"] = torch.tensor([2, 3, 1], dtype=torch.int64, device=p.device)
+    inputs["key_rows"] = torch.tensor([2, 2, 0], dtype=torch.int64, device=p.device)
+    inputs["token_index"] = torch.tensor(
+        [[[1, 2, -1], [4, -1, -1]], [[1, 2, -1], [4, -1, -1]], [[3, -1, -1], [-1, -1, -1]]],
+        dtype=torch.int64, device=p.device,
+    )
+    return inputs
+
+
+def _fix_map_sizes(model: onnx.ModelProto, latent_hw: Sequence[int], factors: Sequence[int]) -> None:
+    """Declare the position count of each maps output: static, but lost by the UNet's -1 reshapes."""
+    h, w = latent_hw
+    for value in model.graph.output:
+        for f in factors:
+            if value.name == f"maps_f{f}":
+                dim = value.type.tensor_type.shape.dim[2]
+                dim.Clear()
+                dim.dim_value = -(-h // f) * -(-w // f)
 
 
 def _first_line(err: BaseException) -> str:
