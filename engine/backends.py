@@ -1,8 +1,10 @@
-"""Interchangeable ways to run the diffusion models: eager torch, torch.compile, ONNX Runtime.
+"""Interchangeable ways to run the diffusion models: eager torch, torch.compile, ONNX Runtime, TensorRT.
 
 The sampler only ever calls three functions — encode token ids, predict noise, decode latents —
 so a backend is those three callables. Attention capture hooks into torch attention
-processors, so it needs a backend that runs the torch modules.
+processors on the torch backends; the exported backends (ONNX Runtime, TensorRT) run the
+unet-capture export on the steps the capture reads, which computes the same maps in its graph.
+`attach_capture` connects a capture to whichever of the two a backend uses.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from pathlib import Path
 
 import torch
 
-BACKENDS = ("torch", "compile", "onnxruntime")
-# Backends that run the torch attention processors, where attention capture hooks in.
-CAPTURING_BACKENDS = ("torch", "compile")
+from magicseg_engine.engine.export import CAPTURE_COMPONENT, DIFFUSION_COMPONENTS, SAM_COMPONENTS
+from magicseg_engine.errors import UsageError
+
+BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
+# Backends that run files written by build-engines, from --engines DIR.
+EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -24,7 +29,13 @@ class DiffusionRunners:
     encode_text: Callable[[torch.Tensor], torch.Tensor]  # ids [N, L] → hidden states [N, L, D]
     predict_noise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # latents, t, context → eps
     decode: Callable[[torch.Tensor], torch.Tensor]  # final latents → images in [-1, 1]
-    supports_attention_capture: bool
+    # Called once with the run's AttentionCapture before sampling; raises UsageError when this
+    # backend cannot feed it.
+    attach_capture: Callable[[object], None]
+
+
+def _capture_installs_itself(capture) -> None:
+    """On torch backends the capture's own processors record the maps; nothing to connect."""
 
 
 def require_onnx() -> None:
@@ -33,8 +44,6 @@ def require_onnx() -> None:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as err:
-        from magicseg_engine.errors import UsageError
-
         raise UsageError(f"ONNX export and onnxruntime need {err.name}: pip install 'magicseg-engine[onnx]'") from None
 
 
@@ -44,7 +53,7 @@ def torch_runners(models) -> DiffusionRunners:
         encode_text=lambda ids: models.text_encoder(ids)[0],
         predict_noise=lambda x, t, ctx: models.unet(x, t, encoder_hidden_states=ctx).sample,
         decode=lambda z: models.vae.decode((z / models.vae.config.scaling_factor).to(models.vae.dtype)).sample,
-        supports_attention_capture=True,
+        attach_capture=_capture_installs_itself,
     )
 
 
@@ -63,51 +72,200 @@ def compile_runners(models) -> DiffusionRunners:
         decode=lambda z: decode((z / models.vae.config.scaling_factor).to(models.vae.dtype)).sample,
         # Capture swaps attention processors: compiled graphs then break at the capture
         # kernels and run those parts eagerly, which still gives the same maps.
-        supports_attention_capture=True,
+        attach_capture=_capture_installs_itself,
     )
 
 
-def onnxruntime_runners(models, engines: Path, latent_shape) -> DiffusionRunners:
+class OnnxRuntimeComponent:
+    """One exported component in an ONNX Runtime session: `component(**tensors) -> {output: tensor}`.
+
+    Inputs are cast to the types the file declares; outputs come back on `device`. They cross
+    as numpy arrays: on a GPU that is a copy each way per call, which IO binding would avoid.
+    """
+
+    def __init__(self, exported, device: torch.device):
+        from magicseg_engine.engine.export import onnxruntime_session
+
+        self.exported = exported
+        self.session = onnxruntime_session(exported)
+        self.device = device
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        feeds = {k: v.detach().cpu().numpy().astype(self.exported.dtypes[k], copy=False) for k, v in inputs.items()}
+        outputs = self.session.run(None, feeds)
+        return {n: torch.from_numpy(o).to(self.device) for n, o in zip(self.output_names, outputs)}
+
+
+class TensorRTComponent:
+    """One component's TensorRT engine on torch CUDA tensors, inputs cast to the engine's types."""
+
+    def __init__(self, engine_path: Path, *, cuda_graph: bool):
+        from magicseg_engine.engine.tensorrt import TensorRTRunner
+
+        self.runner = TensorRTRunner(engine_path, cuda_graph=cuda_graph)
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        r = self.runner
+        return r(**{k: v.to(r.device, r.dtypes[k]) for k, v in inputs.items()})
+
+
+class ExportedUNet:
+    """predict_noise over an exported UNet; with a capture attached, its maps come from unet-capture.
+
+    The capture says per call whether the step is read (AttentionCapture.external_inputs); the
+    plain UNet runs the other steps, so steps that are not read cost nothing extra.
+    """
+
+    def __init__(self, plain, capturing=None, capture_layers: dict[str, int] | None = None, where: str = ""):
+        self.plain = plain
+        self.capturing = capturing
+        self.capture_layers = dict(capture_layers or {})
+        self.where = where
+        self.capture = None
+
+    def attach(self, capture) -> None:
+        if self.capturing is None:
+            raise UsageError(f"{self.where} has no unet-capture, which masks from an exported UNet need; "
+                             "run build-engines again with unet-capture among --components, or use --mask-source none")
+        if dict(capture.layers) != self.capture_layers:
+            raise UsageError(f"the unet-capture in {self.where} reads other attention layers than this run "
+                             f"({sorted(self.capture_layers)} vs {sorted(capture.layers)}); run build-engines again")
+        self.capture = capture
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        feeds = {"sample": x, "timestep": t.expand(x.shape[0]), "encoder_hidden_states": ctx}
+        extra = self.capture.external_inputs(x) if self.capture is not None else None
+        if extra is None:
+            return self.plain(**feeds)["noise_pred"].to(x.dtype)
+        out = self.capturing(**feeds, **extra)
+        factors = sorted(set(self.capture_layers.values()))
+        self.capture.add_external_maps({f: out[f"maps_f{f}"] for f in factors})
+        return out["noise_pred"].to(x.dtype)
+
+
+def exported_runners(backend: str, components: dict, capture_layers: dict[str, int], where: str) -> DiffusionRunners:
+    """Runners over exported components (name -> callable of named tensors), for onnxruntime and tensorrt."""
+    unet = ExportedUNet(components["unet"], components.get(CAPTURE_COMPONENT), capture_layers, where)
+    return DiffusionRunners(
+        backend=backend,
+        encode_text=lambda ids: components["text-encoder"](input_ids=ids.long())["last_hidden_state"],
+        predict_noise=unet,
+        # The exported decoder divides by the VAE scale itself.
+        decode=lambda z: components["vae-decoder"](latents=z)["image"],
+        attach_capture=unet.attach,
+    )
+
+
+def onnxruntime_runners(models, engines: Path, latent_shape, capture: bool = False) -> DiffusionRunners:
     """Sessions over the exports in `engines` (from build-engines), checked against `models`.
 
-    Inputs and outputs cross as numpy arrays: on a GPU that is a copy each way per call, which
-    an IO-binding runner would avoid.
+    With `capture`, unet-capture is loaded too, for the steps whose attention masks read.
     """
     require_onnx()
-    from magicseg_engine.engine.build import check_latent_size, load_components, to_numpy_inputs
-    from magicseg_engine.engine.export import DIFFUSION_COMPONENTS, onnxruntime_session
+    from magicseg_engine.engine.build import check_latent_size, load_components
 
-    exported = load_components(Path(engines), models.model_id, DIFFUSION_COMPONENTS)
+    needed = DIFFUSION_COMPONENTS + ((CAPTURE_COMPONENT,) if capture else ())
+    exported = load_components(Path(engines), models.model_id, needed)
     check_latent_size(exported["unet"], latent_shape)
-    sessions = {c: onnxruntime_session(e) for c, e in exported.items()}
     device = next(models.unet.parameters()).device
-
-    def run(component: str, **inputs: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(sessions[component].run(None, to_numpy_inputs(inputs))[0]).to(device)
-
-    return DiffusionRunners(
-        backend="onnxruntime",
-        encode_text=lambda ids: run("text-encoder", input_ids=ids.long()),
-        predict_noise=lambda x, t, ctx: run("unet", sample=x.float(), timestep=t.float().expand(x.shape[0]),
-                                            encoder_hidden_states=ctx.float()),
-        # The exported decoder divides by the VAE scale itself.
-        decode=lambda z: run("vae-decoder", latents=z.float()),
-        supports_attention_capture=False,
-    )
+    sessions = {c: OnnxRuntimeComponent(e, device) for c, e in exported.items()}
+    layers = exported[CAPTURE_COMPONENT].capture_layers if capture else {}
+    return exported_runners("onnxruntime", sessions, layers, str(engines))
 
 
-def make_runners(backend: str, models, engines: Path | None = None, latent_shape=None) -> DiffusionRunners:
-    """The runners of `backend` for `models` (already on their device and dtype)."""
+def tensorrt_runners(models, engines: Path, latent_shape, capture: bool = False) -> DiffusionRunners:
+    """TensorRT engines listed in `engines`/manifest.json (build-engines --format tensorrt).
+
+    The UNet engines replay CUDA graphs: a denoising step has hundreds of kernels, whose
+    launch cost the graph removes; the graph is re-captured when the batch shape changes.
+    """
+    from magicseg_engine.engine.build import check_latent_size, load_engines
+    from magicseg_engine.engine.tensorrt import require_tensorrt
+
+    require_tensorrt()
+    needed = DIFFUSION_COMPONENTS + ((CAPTURE_COMPONENT,) if capture else ())
+    exported, engine_paths = load_engines(Path(engines), models.model_id, needed)
+    check_latent_size(exported["unet"], latent_shape)
+    runners = {c: TensorRTComponent(p, cuda_graph=c in ("unet", CAPTURE_COMPONENT)) for c, p in engine_paths.items()}
+    layers = exported[CAPTURE_COMPONENT].capture_layers if capture else {}
+    return exported_runners("tensorrt", runners, layers, str(engines))
+
+
+# --- SAM --------------------------------------------------------------------------------------
+
+@dataclass
+class SamRunners:
+    """The two calls SamRefiner makes; the prompt encoder (a few small ops) stays in torch."""
+
+    backend: str
+    encode_images: Callable[[torch.Tensor], torch.Tensor]  # preprocessed [N, 3, S, S] → embeddings [N, C, h, w] float32
+    # embedding [1, C, h, w], sparse [P, T, C], dense [P, C, h, w] → multimask logits [P, 3, 4h, 4w], IoU [P, 3]
+    decode_masks: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def sam_torch_runners(sam, compiled: bool = False) -> SamRunners:
+    encoder = sam.image_encoder
+    if compiled:
+        mode = "reduce-overhead" if next(encoder.parameters()).is_cuda else "default"
+        encoder = torch.compile(encoder, mode=mode, dynamic=False)
+    dtype = next(sam.image_encoder.parameters()).dtype
+
+    def decode_masks(embedding, sparse, dense):
+        return sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                multimask_output=True)
+
+    return SamRunners("compile" if compiled else "torch", lambda x: encoder(x.to(dtype)).float(), decode_masks)
+
+
+def _exported_sam_runners(backend: str, components: dict) -> SamRunners:
+    def decode_masks(embedding, sparse, dense):
+        out = components["sam-mask-decoder"](image_embeddings=embedding, sparse_prompt_embeddings=sparse,
+                                             dense_prompt_embeddings=dense)
+        return out["masks"].float(), out["iou_predictions"].float()
+
+    return SamRunners(backend, lambda x: components["sam-image-encoder"](images=x)["image_embeddings"].float(),
+                      decode_masks)
+
+
+def make_sam_runners(backend: str, sam, sam_id: str, engines: Path | None = None) -> SamRunners:
+    """SamRefiner's runners on `backend`; exported ones must come from the same SAM (`sam_id`)."""
+    if backend in ("torch", "compile"):
+        return sam_torch_runners(sam, compiled=backend == "compile")
+    if backend not in EXPORTED_BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if engines is None:
+        raise UsageError(f"--backend {backend} needs --engines DIR, written by magicseg-engine build-engines")
+    from magicseg_engine.engine.build import load_components, load_engines
+
+    device = next(sam.parameters()).device
+    if backend == "onnxruntime":
+        require_onnx()
+        exported = load_components(Path(engines), None, SAM_COMPONENTS, sam_id=sam_id)
+        return _exported_sam_runners(backend, {c: OnnxRuntimeComponent(e, device) for c, e in exported.items()})
+    from magicseg_engine.engine.tensorrt import require_tensorrt
+
+    require_tensorrt()
+    _, paths = load_engines(Path(engines), None, SAM_COMPONENTS, sam_id=sam_id)
+    return _exported_sam_runners(backend, {c: TensorRTComponent(p, cuda_graph=False) for c, p in paths.items()})
+
+
+def make_runners(backend: str, models, engines: Path | None = None, latent_shape=None,
+                 capture: bool = False) -> DiffusionRunners:
+    """The runners of `backend` for `models` (already on their device and dtype).
+
+    `capture`: the run reads attention maps, so an exported backend loads unet-capture too.
+    """
     if backend == "torch":
         return torch_runners(models)
     if backend == "compile":
         return compile_runners(models)
-    if backend == "onnxruntime":
+    if backend in EXPORTED_BACKENDS:
         if engines is None:
-            from magicseg_engine.errors import UsageError
-
-            raise UsageError("--backend onnxruntime needs --engines DIR, written by magicseg-engine build-engines")
-        return onnxruntime_runners(models, engines, latent_shape)
-    from magicseg_engine.errors import UsageError
-
+            raise UsageError(f"--backend {backend} needs --engines DIR, written by magicseg-engine build-engines"
+                             + (" --format tensorrt" if backend == "tensorrt" else ""))
+        if backend == "onnxruntime":
+            return onnxruntime_runners(models, engines, latent_shape, capture)
+        return tensorrt_runners(models, engines, latent_shape, capture)
     raise UsageError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")

@@ -3,6 +3,10 @@
 The output folder holds `onnx/{component}.onnx`, `tensorrt/*.engine` when asked, and
 `manifest.json`, which names the weights the files came from (the model id of the diffusion
 models) so that a backend never runs files exported from other weights.
+
+`unet-capture` is the UNet with the attention-capture maps as extra outputs, for the layers
+a run's AttentionCapture reads by default; generation with masks on an exported backend
+runs it on the steps it captures, and the plain `unet` on the others.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import torch
 from magicseg_engine.atomic import atomic_write_text, check_writable_dir
 from magicseg_engine.config import RunConfig, library_versions
 from magicseg_engine.engine.export import (
+    CAPTURE_COMPONENT,
     COMPONENTS,
     DIFFUSION_COMPONENTS,
     SAM_COMPONENTS,
     ExportedModel,
+    capture_parity,
     check_exported,
     export_component,
     load_exported,
@@ -32,13 +38,24 @@ MANIFEST = "manifest.json"
 # Dims of the SAM mask decoder that are not the batch: prompts per image and prompt tokens
 # (a box is 2 tokens, each point 1, plus SAM's padding point).
 SAM_DECODER_DIMS = {"images": 1, "prompts": 8, "tokens": 5}
+# Every component build-engines writes; unet-capture is exported from the unet.
+BUILDABLE = COMPONENTS + (CAPTURE_COMPONENT,)
+# unet-capture's map dims as TensorRT ranges (min, opt, max): classes per pair (prompts name 1-2,
+# user prompt files up to 4) and token positions per class (multi-word names, repeats).
+CAPTURE_DIMS = {"classes": (1, 2, 4), "tokens": (1, 4, 16)}
+
+
+def capture_dims(batch_sizes: Sequence[int]) -> dict[str, tuple[int, int, int]]:
+    """unet-capture's TensorRT dims: map rows are 2 per pair, half a guided UNet batch."""
+    hi = max(batch_sizes)
+    return {**CAPTURE_DIMS, "rows": (1, max(1, hi // 2), hi)}
 
 
 def parse_components(text: str) -> tuple[str, ...]:
     names = tuple(c.strip() for c in text.split(",") if c.strip())
-    unknown = [c for c in names if c not in COMPONENTS]
+    unknown = [c for c in names if c not in BUILDABLE]
     if unknown or not names:
-        raise UsageError(f"--components: {', '.join(unknown) or 'none given'}; choose from {', '.join(COMPONENTS)}")
+        raise UsageError(f"--components: {', '.join(unknown) or 'none given'}; choose from {', '.join(BUILDABLE)}")
     return names
 
 
@@ -65,29 +82,38 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
     check_writable_dir(out)
     dtype = resolve_dtype("float32", device)
     models = sam = None
-    if any(c in DIFFUSION_COMPONENTS for c in components):
+    if any(c in DIFFUSION_COMPONENTS + (CAPTURE_COMPONENT,) for c in components):
         models = load_diffusion(config.diffusion, device, dtype, seed=config.seed)
     if any(c in SAM_COMPONENTS for c in components):
         sam = build_sam(config.sam.model_type, config.sam.checkpoint, device=device, dtype=dtype, seed=config.seed)
 
     entries = []
     for component in components:
-        source = models if component in DIFFUSION_COMPONENTS else sam
-        exported = export_component(component, source, out / "onnx", precision=precision)
+        source = sam if component in SAM_COMPONENTS else models
+        layers = None
+        if component == CAPTURE_COMPONENT:
+            from magicseg_engine.generate.attention import AttentionCapture
+
+            layers = AttentionCapture(models.unet, models.tokenizer, steps=config.masks.capture_steps).layers
+        exported = export_component("unet" if layers else component, source, out / "onnx", precision=precision,
+                                    capture_layers=layers)
         check_exported(exported)
         entry = {"component": component, "format": "onnx", "path": str(exported.path.relative_to(out)),
                  "sha256": exported.sha256, "precision": exported.precision, "opset": exported.opset,
                  "input_shapes": {k: list(v) for k, v in exported.input_shapes.items()},
                  "external_data": exported.external_data}
+        if layers:
+            entry["capture_layers"] = layers
         if precision == "fp32":
             # One sample through onnxruntime against torch: a broken export is caught here, not mid-run.
-            check = parity(component, source, exported, sample_inputs(component, source, batch=1))
+            check = (capture_parity(source, exported) if layers
+                     else parity(component, source, exported, sample_inputs(component, source, batch=1)))
             entry["onnxruntime_parity"] = {"max_abs": check["max_abs"], "max_rel": check["max_rel"]}
         if fmt == "tensorrt":
             from magicseg_engine.engine.tensorrt import build_engine
 
-            engine = build_engine(exported, out / "tensorrt", batch_sizes, precision,
-                                  fixed_dims=SAM_DECODER_DIMS if component == "sam-mask-decoder" else None,
+            fixed = {"sam-mask-decoder": SAM_DECODER_DIMS, CAPTURE_COMPONENT: capture_dims(batch_sizes)}.get(component)
+            engine = build_engine(exported, out / "tensorrt", batch_sizes, precision, fixed_dims=fixed,
                                   timing_cache_path=out / "tensorrt" / "timing.cache")
             entry["engine"] = str(Path(engine).relative_to(out))
         entries.append(entry)
@@ -95,6 +121,7 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
     manifest = {
         "model_id": models.model_id if models is not None else None,
         "sam": {"model_type": config.sam.model_type, "checkpoint": config.sam.checkpoint} if sam is not None else None,
+        "sam_id": sam_identity(config) if sam is not None else None,
         "preset": config.preset, "format": fmt, "precision": precision, "batch_sizes": list(batch_sizes),
         "components": entries, "versions": library_versions(),
     }
@@ -102,15 +129,23 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
     return manifest
 
 
-def load_components(engines: Path, model_id: str, needed: Sequence[str]) -> dict[str, ExportedModel]:
-    """The verified ONNX exports of `needed` in `engines`, refusing files made from other weights."""
+def load_components(engines: Path, model_id: str | None, needed: Sequence[str],
+                    sam_id: str | None = None) -> dict[str, ExportedModel]:
+    """The verified ONNX exports of `needed` in `engines`, refusing files made from other weights.
+
+    `model_id` names the diffusion weights (DiffusionModels.model_id) and `sam_id` the SAM
+    weights (sam_identity); each is checked when `needed` has components made from it.
+    """
     path = engines / MANIFEST
     if not path.is_file():
         raise UsageError(f"{engines} holds no {MANIFEST}; run magicseg-engine build-engines --out {engines} first")
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("model_id") != model_id:
+    if any(c not in SAM_COMPONENTS for c in needed) and manifest.get("model_id") != model_id:
         raise UsageError(f"the engines in {engines} were exported from other weights ({manifest.get('model_id')}, "
                          f"this run uses {model_id}); run build-engines again with the same preset, model and seed")
+    if any(c in SAM_COMPONENTS for c in needed) and manifest.get("sam_id") != sam_id:
+        raise UsageError(f"the SAM in {engines} was exported from other weights ({manifest.get('sam_id')}, this run "
+                         f"uses {sam_id}); run build-engines again with the same --sam-model, --sam-checkpoint and seed")
     listed = {e["component"]: e for e in manifest["components"]}
     missing = [c for c in needed if c not in listed]
     if missing:
@@ -123,6 +158,25 @@ def load_components(engines: Path, model_id: str, needed: Sequence[str]) -> dict
             raise UsageError(f"{e.path} changed since build-engines wrote it; run build-engines again")
         exported[component] = e
     return exported
+
+
+def load_engines(engines: Path, model_id: str | None, needed: Sequence[str],
+                 sam_id: str | None = None) -> tuple[dict[str, ExportedModel], dict[str, Path]]:
+    """load_components, plus the TensorRT engine build-engines made from each export."""
+    exported = load_components(engines, model_id, needed, sam_id)
+    listed = {e["component"]: e for e in json.loads((engines / MANIFEST).read_text(encoding="utf-8"))["components"]}
+    missing = [c for c in needed if "engine" not in listed[c]]
+    if missing:
+        raise UsageError(f"{engines} has no TensorRT engine for {', '.join(missing)}; run build-engines "
+                         f"--format tensorrt --out {engines}")
+    return exported, {c: engines / listed[c]["engine"] for c in needed}
+
+
+def sam_identity(config: RunConfig) -> str:
+    """Names the SAM weights a configuration builds: the checkpoint file, or the seed of random ones."""
+    s = config.sam
+    weights = str(Path(s.checkpoint).resolve()) if s.checkpoint else f"random:seed={config.seed}"
+    return f"{s.model_type}:{weights}"
 
 
 def check_latent_size(exported: ExportedModel, latent_shape: Sequence[int]) -> None:

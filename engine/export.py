@@ -154,6 +154,8 @@ class ExportedModel:
     output_shapes: dict[str, tuple[int | str, ...]] = field(default_factory=dict)
     # numpy dtype names ("float32", "int64", ...), per input and output.
     dtypes: dict[str, str] = field(default_factory=dict)
+    # unet-capture only: the captured cross-attention modules, name -> factor.
+    capture_layers: dict[str, int] = field(default_factory=dict)
 
     @property
     def data_path(self) -> Path:
@@ -858,6 +860,7 @@ def _describe(path: Path, model: onnx.ModelProto, sha256: str, external: bool) -
         external_data=external,
         output_shapes={v.name: _dims(v) for v in model.graph.output},
         dtypes={v.name: _dtype_name(v) for v in values},
+        capture_layers={str(k): int(v) for k, v in json.loads(meta.get(_META_PREFIX + "capture_layers", "{}")).items()},
     )
 
 
@@ -1203,8 +1206,32 @@ def parity(
     got = session.run(list(spec.outputs), feeds)
     ort_s = time.perf_counter() - t0
 
-    result: dict[str, Any] = {"outputs": {}, "max_abs": 0.0, "max_rel": 0.0, "torch_s": torch_s, "onnxruntime_s": ort_s}
-    for name, ref, out in zip(spec.outputs, expected, got):
+    result = _compare(spec.outputs, expected, got)
+    result.update(torch_s=torch_s, onnxruntime_s=ort_s)
+    return result
+
+
+def capture_parity(models: Any, exported: ExportedModel) -> dict[str, Any]:
+    """parity() for unet-capture: ONNX Runtime against the torch capture computation, fp32.
+
+    Inputs are a guided pair's UNet batch read by three map rows over two classes (the
+    export's example layout) at the file's latent size; returns what parity() returns.
+    """
+    if exported.component != CAPTURE_COMPONENT:
+        raise ValueError(f"the exported file is a {exported.component}, not a {CAPTURE_COMPONENT}")
+    wrapper = capture_callable(models, exported.capture_layers)
+    inputs = _capture_export_inputs(models, wrapper, tuple(exported.input_shapes["sample"][2:]))
+    with wrapper.installed(), _eval_mode(wrapper), torch.no_grad():
+        expected = wrapper(*(inputs[n] for n in exported.input_names))
+    session = onnxruntime_session(exported, providers=["CPUExecutionProvider"])
+    feeds = {v.name: _to_numpy(inputs[v.name], _ORT_TYPES[v.type]) for v in session.get_inputs()}
+    got = session.run(list(exported.output_names), feeds)
+    return _compare(exported.output_names, expected, got)
+
+
+def _compare(names: Sequence[str], expected: Sequence[torch.Tensor], got: Sequence[np.ndarray]) -> dict[str, Any]:
+    result: dict[str, Any] = {"outputs": {}, "max_abs": 0.0, "max_rel": 0.0}
+    for name, ref, out in zip(names, expected, got):
         ref64 = ref.detach().to(torch.float64).cpu().numpy()
         out64 = np.asarray(out, dtype=np.float64)
         if ref64.shape != out64.shape:

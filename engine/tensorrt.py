@@ -142,7 +142,7 @@ Profile = dict[str, tuple[Shape, Shape, Shape]]
 def profile_shapes(
     input_shapes: Mapping[str, Sequence[int | str | None]],
     batch_sizes: Sequence[int],
-    fixed: Mapping[str, int] | None = None,
+    fixed: Mapping[str, int | tuple[int, int, int]] | None = None,
     *,
     batch_dim: str = "batch",
 ) -> Profile:
@@ -150,8 +150,9 @@ def profile_shapes(
 
     A dimension named `batch_dim` spans min(batch_sizes)..max(batch_sizes); opt is the largest
     batch, since TensorRT tunes its kernels for opt and the largest batch is where throughput
-    is decided. Every other symbolic dimension must be pinned in `fixed` (a name used by
-    several inputs gets the same size in all of them); integer dimensions stay as they are.
+    is decided. Every other symbolic dimension must be given in `fixed`, as one size or as a
+    (min, opt, max) range (a name used by several inputs gets the same in all of them);
+    integer dimensions stay as they are.
     Names in `fixed` that no input uses are ignored, so one mapping can serve several models.
     """
     sizes = list(batch_sizes)
@@ -163,9 +164,14 @@ def profile_shapes(
     fixed = dict(fixed or {})
     if batch_dim in fixed:
         raise ValueError(f"{batch_dim!r} is set by batch_sizes, not by fixed dimensions")
+    ranges_of: dict[str, tuple[int, int, int]] = {}
     for name, size in fixed.items():
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"fixed dimension {name!r} must be a positive integer, got {size!r}")
+        span = tuple(size) if isinstance(size, (tuple, list)) else (size,) * 3
+        if (len(span) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in span)
+                or not span[0] <= span[1] <= span[2]):
+            raise ValueError(f"fixed dimension {name!r} must be a positive integer or a (min, opt, max) "
+                             f"range of them, got {size!r}")
+        ranges_of[name] = span
 
     lo, hi = min(sizes), max(sizes)
     missing: dict[str, list[str]] = {}
@@ -186,8 +192,8 @@ def profile_shapes(
             elif d == batch_dim:
                 uses_batch = True
                 ranges.append((lo, hi, hi))
-            elif d in fixed:
-                ranges.append((fixed[d],) * 3)
+            elif d in ranges_of:
+                ranges.append(ranges_of[d])
             else:
                 missing.setdefault(str(d), []).append(inp)
                 ranges.append((0, 0, 0))
@@ -332,7 +338,7 @@ def build_engine(
     cache_dir: str | Path,
     batch_sizes: Sequence[int],
     precision: str,
-    fixed_dims: Mapping[str, int] | None = None,
+    fixed_dims: Mapping[str, int | tuple[int, int, int]] | None = None,
     timing_cache_path: str | Path | None = None,
     workspace_gib: float | None = None,
 ) -> Path:

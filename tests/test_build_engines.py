@@ -8,7 +8,10 @@ from typer.testing import CliRunner
 
 from magicseg_engine.cli import app
 from magicseg_engine.data.shards import iter_samples
-from magicseg_engine.engine.export import COMPONENTS
+from magicseg_engine.config import load_preset
+from magicseg_engine.engine.export import CAPTURE_COMPONENT, COMPONENTS
+from magicseg_engine.generate.attention import AttentionCapture
+from magicseg_engine.generate.models import load_diffusion
 
 
 def invoke(*args):
@@ -25,15 +28,22 @@ def engines(tmp_path_factory):
 
 def test_manifest_lists_every_component_checked_against_torch(engines):
     manifest = json.loads((engines / "manifest.json").read_text())
-    assert [e["component"] for e in manifest["components"]] == ["unet", "vae-decoder", "text-encoder",
+    assert [e["component"] for e in manifest["components"]] == ["unet", "unet-capture", "vae-decoder", "text-encoder",
                                                                 "sam-image-encoder", "sam-mask-decoder"]
     assert manifest["model_id"].startswith("tiny-random:seed=0")
+    assert manifest["sam_id"] == "tiny:random:seed=0"
     for e in manifest["components"]:
         assert (engines / e["path"]).is_file() and e["format"] == "onnx" and e["precision"] == "fp32"
         assert e["onnxruntime_parity"]["max_abs"] < 1e-4
-        assert set(COMPONENTS) >= {e["component"]}
+        assert set(COMPONENTS + (CAPTURE_COMPONENT,)) >= {e["component"]}
     unet = next(e for e in manifest["components"] if e["component"] == "unet")
     assert unet["input_shapes"]["sample"] == ["batch", 4, 8, 8]
+    capture = next(e for e in manifest["components"] if e["component"] == "unet-capture")
+    # The layers a run's capture reads by default, and nothing else.
+    models = load_diffusion(load_preset("tiny").diffusion, "cpu")
+    assert capture["capture_layers"] == AttentionCapture(models.unet, models.tokenizer).layers
+    assert set(capture["input_shapes"]) == {"sample", "timestep", "encoder_hidden_states", "query_rows", "key_rows",
+                                            "token_index"}
 
 
 def test_onnxruntime_backend_draws_what_torch_draws(engines, tmp_path):
@@ -66,9 +76,75 @@ def test_engines_of_other_weights_or_sizes_are_refused(engines, tmp_path):
                     "--backend", "onnxruntime", "--out", tmp_path / "c")
     assert result.exit_code == 2 and "needs --engines" in result.stderr
     result = invoke("generate", "--classes", "voc", "--num-pairs", 1, "--device", "cpu",
-                    "--backend", "onnxruntime", "--engines", engines, "--out", tmp_path / "d")
-    assert result.exit_code == 2 and "cannot capture cross-attention" in result.stderr
+                    "--backend", "tensorrt", "--engines", engines, "--out", tmp_path / "d")
+    assert result.exit_code == 2 and "TensorRT is not installed" in result.stderr
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def _masked_runs(engines, tmp_path, *extra):
+    runs = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        args = ["generate", "--classes", "voc", "--num-pairs", 3, "--out", out, "--device", "cpu", "--backend", backend,
+                *extra]
+        if backend == "onnxruntime":
+            args += ["--engines", engines]
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        runs[backend] = {s["__key__"]: s for s in iter_samples(out)}
+    return runs
+
+
+def test_masks_from_onnxruntime_engines_match_the_torch_capture(engines, tmp_path):
+    # unet-capture gives the attention maps and ONNX Runtime runs SAM: same maps, same masks.
+    runs = _masked_runs(engines, tmp_path)
+    assert set(runs["torch"]) == set(runs["onnxruntime"])
+    assert any(np.asarray(Image.open(io.BytesIO(s["mask.png"]))).any() for s in runs["torch"].values())
+    for key, s in runs["torch"].items():
+        o = runs["onnxruntime"][key]
+        a, b = np.load(io.BytesIO(s["attn.npy"])), np.load(io.BytesIO(o["attn.npy"]))
+        assert a.shape == b.shape and a.any()
+        assert np.abs(a.astype(np.float32) - b.astype(np.float32)).max() <= 1e-3 * max(1.0, float(np.abs(a).max()))
+        ma = np.asarray(Image.open(io.BytesIO(s["mask.png"])))
+        mb = np.asarray(Image.open(io.BytesIO(o["mask.png"])))
+        assert (ma == mb).mean() > 0.98  # images equal to float error, thresholds may flip a few edge pixels
+        assert json.loads(s["json"])["classes"] == json.loads(o["json"])["classes"]
+
+
+def test_masks_need_unet_capture_in_the_engines(tmp_path):
+    engines = tmp_path / "plain"
+    result = invoke("build-engines", "--out", engines, "--device", "cpu", "--components", "unet,vae-decoder,text-encoder")
+    assert result.exit_code == 0, result.output
+    result = invoke("generate", "--classes", "voc", "--num-pairs", 1, "--device", "cpu", "--no-sam",
+                    "--backend", "onnxruntime", "--engines", engines, "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "has no unet-capture" in result.stderr
+    result = invoke("build-engines", "--out", engines, "--device", "cpu", "--components", "unet-capture")
+    assert result.exit_code == 0, result.output  # the manifest now lists unet-capture alone
+    result = invoke("generate", "--classes", "voc", "--num-pairs", 1, "--device", "cpu",
+                    "--backend", "onnxruntime", "--engines", engines, "--out", tmp_path / "s")
+    assert result.exit_code == 2 and "has no text-encoder, unet, vae-decoder" in result.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_masks_command_runs_sam_from_the_engines(engines, tmp_path):
+    base = tmp_path / "base"
+    result = invoke("generate", "--classes", "voc", "--num-pairs", 2, "--out", base, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    masks = {}
+    for backend in ("torch", "onnxruntime"):
+        args = ["masks", "--data", base, "--out", tmp_path / backend, "--device", "cpu", "--backend", backend]
+        result = invoke(*(args + (["--engines", engines] if backend == "onnxruntime" else [])))
+        assert result.exit_code == 0, result.output
+        masks[backend] = {s["__key__"]: np.asarray(Image.open(io.BytesIO(s["mask.png"])))
+                          for s in iter_samples(tmp_path / backend)}
+    assert masks["torch"].keys() == masks["onnxruntime"].keys()
+    assert any(m.any() for m in masks["torch"].values())
+    for key in masks["torch"]:
+        assert (masks["torch"][key] == masks["onnxruntime"][key]).mean() > 0.98
+    # SAM exported from other weights is refused before anything is written.
+    result = invoke("masks", "--data", base, "--out", tmp_path / "other", "--device", "cpu", "--sam-model", "vit_b",
+                    "--backend", "onnxruntime", "--engines", engines)
+    assert result.exit_code == 2 and "SAM in" in result.stderr and not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import magicseg_engine.engine.tensorrt as trt_mod
+from magicseg_engine.engine.build import capture_dims
 from magicseg_engine.engine.tensorrt import (
     NO_GPU,
     NOT_INSTALLED,
@@ -200,6 +201,18 @@ def test_profile_dynamic_batch_with_fixed_dims():
         "context": ((2, 77, 768), (8, 77, 768), (8, 77, 768)),
     }
     assert list(got) == list(shapes)
+
+
+def test_profile_ranges_for_other_dynamic_dims():
+    # unet-capture: map rows follow the batch, classes and tokens vary per batch of prompts.
+    shapes = {"sample": ("batch", 4, 8, 8), "query_rows": ("rows",), "token_index": ("rows", "classes", "tokens")}
+    got = profile_shapes(shapes, [1, 16], capture_dims([1, 16]))
+    assert got["query_rows"] == ((1,), (8,), (16,))
+    assert got["token_index"] == ((1, 1, 1), (8, 2, 4), (16, 4, 16))
+    assert got["sample"] == ((1, 4, 8, 8), (16, 4, 8, 8), (16, 4, 8, 8))
+    for bad in ((4, 2, 8), (1, 2), (0, 1, 2), (1.0, 2, 3)):
+        with pytest.raises(ValueError, match="'rows' must be a positive integer or a"):
+            profile_shapes(shapes, [1], {"rows": bad, "classes": 1, "tokens": 1})
 
 
 def test_profile_single_batch_size_and_static_model():

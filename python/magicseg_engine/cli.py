@@ -93,6 +93,11 @@ def resumable_progress(bar: Progress, description: str, unit: str):
     return advance
 
 
+BACKEND_HELP = ("torch, compile (torch.compile; CUDA graphs on a GPU), onnxruntime or tensorrt "
+                "(these two run the files of --engines).")
+ENGINES_HELP = "Folder written by build-engines, for --backend onnxruntime or tensorrt."
+
+
 @app.command()
 @reports_usage_errors
 def doctor(
@@ -246,8 +251,8 @@ def generate(
     mask_threshold: Annotated[Optional[str], typer.Option("--mask-threshold", help="otsu, or a fixed value in (0, 1).")] = None,
     max_counterfactual_coverage: Annotated[Optional[float], typer.Option("--max-counterfactual-coverage", help="Flag pairs whose negative still covers more of a class mask.")] = None,
     drop_failed_pairs: Annotated[bool, typer.Option("--drop-failed-pairs", help="Drop pairs that fail the counterfactual check instead of flagging them.")] = False,
-    backend: Annotated[str, typer.Option("--backend", help="torch, compile (torch.compile; CUDA graphs on a GPU) or onnxruntime (with --engines; masks off).")] = "torch",
-    engines: Annotated[Optional[Path], typer.Option("--engines", help="Folder written by build-engines, for --backend onnxruntime.")] = None,
+    backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "torch",
+    engines: Annotated[Optional[Path], typer.Option("--engines", help=ENGINES_HELP)] = None,
     detector_model: Annotated[Optional[str], typer.Option("--detector-model", help="Grounding DINO folder or hub id (tiny: random, for tests).")] = None,
     box_threshold: Annotated[Optional[float], typer.Option("--box-threshold", help="Detector box threshold.")] = None,
     text_threshold: Annotated[Optional[float], typer.Option("--text-threshold", help="Detector text threshold.")] = None,
@@ -298,7 +303,7 @@ def generate(
     plan = open_run(out, config, records, resume, overwrite)
     # Models load before the run directory is touched, so a bad --model leaves nothing behind.
     sampler = build_sampler(config, device, backend, engines)
-    masks = build_mask_stage(config, sampler)
+    masks = build_mask_stage(config, sampler, engines)
     if plan.fresh:
         start_run(out, config, plan.records)
     records = plan.records
@@ -340,6 +345,8 @@ def masks(
     box_threshold: Annotated[Optional[float], typer.Option("--box-threshold")] = None,
     text_threshold: Annotated[Optional[float], typer.Option("--text-threshold")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per SAM batch.")] = 8,
+    backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "torch",
+    engines: Annotated[Optional[Path], typer.Option("--engines", help=ENGINES_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Annotate an existing run again (new thresholds, SAM, checks) without re-rendering or re-encoding images."""
@@ -383,7 +390,7 @@ def masks(
     }
     config = with_overrides(saved, overrides, f"the run in {data}")
     plan = open_run(out, config, read_records(data / PROMPTS_FILE), resume, overwrite)
-    annotator = build_annotator(config, device, resolve_dtype(config.diffusion.dtype, device))
+    annotator = build_annotator(config, device, resolve_dtype(config.diffusion.dtype, device), backend, engines)
     if plan.fresh:
         start_run(out, config, plan.records)
     options = ExecutionOptions(device=device, batch_size=batch_size)
@@ -412,7 +419,7 @@ def build_engines_command(
     precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16 (half precision needs a GPU).")] = "fp32",
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="UNet/decoder batch range for TensorRT profiles.")] = "1,8,16",
     components: Annotated[str, typer.Option("--components", help="Comma-separated components.")] =
-        "unet,vae-decoder,text-encoder,sam-image-encoder,sam-mask-decoder",
+        "unet,unet-capture,vae-decoder,text-encoder,sam-image-encoder,sam-mask-decoder",
     seed: Annotated[int, typer.Option("--seed", help="Seed of random weights (tiny, sd15-random).")] = 0,
     sam_model: Annotated[Optional[str], typer.Option("--sam-model", help="tiny, vit_b, vit_l or vit_h.")] = None,
     sam_checkpoint: Annotated[Optional[str], typer.Option("--sam-checkpoint", help="segment-anything .pth.")] = None,

@@ -29,7 +29,7 @@ from PIL import Image
 from magicseg_engine.atomic import atomic_write_text, check_writable_dir
 from magicseg_engine.config import RunConfig, library_versions
 from magicseg_engine.data.shards import MANIFEST, SHARDS_DIR, ShardWriter, finished_keys, iter_samples, sample_key
-from magicseg_engine.engine.backends import BACKENDS, CAPTURING_BACKENDS, make_runners
+from magicseg_engine.engine.backends import BACKENDS, make_runners, make_sam_runners
 from magicseg_engine.errors import UsageError
 from magicseg_engine.generate.attention import AttentionCapture
 from magicseg_engine.generate.models import load_diffusion, resolve_dtype
@@ -314,9 +314,6 @@ def build_sampler(config: RunConfig, device: str | torch.device, backend: str = 
     check_model_settings(config)
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    if config.masks.source != "none" and backend not in CAPTURING_BACKENDS:
-        raise UsageError(f"--backend {backend} cannot capture cross-attention, which masks need; "
-                         f"use --backend {' or '.join(CAPTURING_BACKENDS)}, or --mask-source none")
     device = torch.device(device)
     d = config.diffusion
     dtype = resolve_dtype(d.dtype, device)
@@ -324,8 +321,8 @@ def build_sampler(config: RunConfig, device: str | torch.device, backend: str = 
     settings = SamplingSettings(height=d.height, width=d.width, steps=d.steps, guidance=d.guidance,
                                 scheduler=d.scheduler, independent_noise=d.independent_noise)
     latent_shape = (models.latent_channels, d.height // models.vae_scale_factor, d.width // models.vae_scale_factor)
-    return PairedSampler(models, settings, device, dtype,
-                         runners=make_runners(backend, models, engines, latent_shape))
+    runners = make_runners(backend, models, engines, latent_shape, capture=config.masks.source != "none")
+    return PairedSampler(models, settings, device, dtype, runners=runners)
 
 
 @dataclass
@@ -361,12 +358,16 @@ def check_model_settings(config: RunConfig) -> None:
                          "(a segment-anything .pth) or --no-sam")
 
 
-def build_annotator(config: RunConfig, device: str | torch.device, dtype: torch.dtype) -> MaskAnnotator:
+def build_annotator(config: RunConfig, device: str | torch.device, dtype: torch.dtype, backend: str = "torch",
+                    engines: Path | None = None) -> MaskAnnotator:
+    """The mask annotator of the run, its SAM on `backend` (exported backends read `engines`)."""
     check_model_settings(config)
     refiner = None
     if config.masks.refine_with_sam:
+        from magicseg_engine.engine.build import sam_identity
+
         sam = build_sam(config.sam.model_type, config.sam.checkpoint, device=device, dtype=dtype, seed=config.seed)
-        refiner = SamRefiner(sam)
+        refiner = SamRefiner(sam, runners=make_sam_runners(backend, sam, sam_identity(config), engines))
     detector = None
     if "detector" in config.masks.source:
         detector = build_detector(config.masks.detector_model, device=device, seed=config.seed,
@@ -375,12 +376,13 @@ def build_annotator(config: RunConfig, device: str | torch.device, dtype: torch.
     return MaskAnnotator(config.masks, refiner, detector)
 
 
-def build_mask_stage(config: RunConfig, sampler: PairedSampler) -> MaskStage | None:
-    """The run's mask stage, or None when masks are off."""
+def build_mask_stage(config: RunConfig, sampler: PairedSampler, engines: Path | None = None) -> MaskStage | None:
+    """The run's mask stage on the sampler's backend, or None when masks are off."""
     if config.masks.source == "none":
         return None
     capture = AttentionCapture(sampler.models.unet, sampler.models.tokenizer, steps=config.masks.capture_steps)
-    return MaskStage(capture, build_annotator(config, sampler.device, sampler.dtype))
+    sampler.runners.attach_capture(capture)
+    return MaskStage(capture, build_annotator(config, sampler.device, sampler.dtype, sampler.runners.backend, engines))
 
 
 def generate_pairs(out: Path, config: RunConfig, records: Sequence[PromptRecord], sampler: PairedSampler,

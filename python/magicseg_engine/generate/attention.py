@@ -404,6 +404,43 @@ class AttentionCapture:
         else:
             out += kernel.class_attention_reference(q, k, index, scale)
 
+    # --- a UNet that runs outside torch ------------------------------------------------------
+    # An exported UNet (unet-capture.onnx, or an engine built from it) computes the same class
+    # attention inside its graph. The runner asks for the rows and token index of each step
+    # and hands back the per-factor sums; no processor runs.
+
+    def external_inputs(self, sample: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """unet-capture's extra inputs for this step, or None when the step is not captured.
+
+        Call once per UNet call with its latents `sample`, before running it. Rows follow
+        the processors': positive queries against positive keys, then negative queries
+        against the positive keys.
+        """
+        self._latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        self._device = sample.device
+        if not self._active:
+            return None
+        if self._token_index.shape[1] == 0:
+            self._calls += len(self.layers)  # the step counts; there is nothing to read
+            return None
+        pos, neg = self._layout.positive_rows, self._layout.negative_rows
+        pos_rows = torch.arange(pos.start, pos.stop, dtype=torch.int64)
+        neg_rows = torch.arange(neg.start, neg.stop, dtype=torch.int64)
+        index = self._token_index.to(torch.int64)
+        return {"query_rows": torch.cat([pos_rows, neg_rows]).to(sample.device),
+                "key_rows": torch.cat([pos_rows, pos_rows]).to(sample.device),
+                "token_index": torch.cat([index, index]).to(sample.device)}
+
+    def add_external_maps(self, maps: dict[int, torch.Tensor]) -> None:
+        """Add one UNet call's outputs, factor -> [2B, C, N] summed over that factor's layers."""
+        if set(maps) != set(self.layers.values()):
+            raise ValueError(f"maps for factors {sorted(maps)}, but this capture reads {sorted(set(self.layers.values()))}")
+        for factor, summed in maps.items():
+            summed = summed.to(self._device, torch.float32)
+            buf = self._sums.get(factor)
+            self._sums[factor] = summed.clone() if buf is None else buf.add_(summed)
+            self._calls += sum(1 for f in self.layers.values() if f == factor)
+
     # --- results ----------------------------------------------------------------------------
 
     def maps(self) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from magicseg_engine.engine.backends import SamRunners, sam_torch_runners
 from magicseg_engine.errors import UsageError
 
 if TYPE_CHECKING:
@@ -352,7 +353,8 @@ class SamRefiner:
     Results (masks, scores, agreement) are on the model's device.
     """
 
-    def __init__(self, sam: Sam, *, image_batch_size: int = 8, agreement_weight: float = 0.5) -> None:
+    def __init__(self, sam: Sam, *, image_batch_size: int = 8, agreement_weight: float = 0.5,
+                 runners: SamRunners | None = None) -> None:
         from segment_anything.utils.transforms import ResizeLongestSide
 
         if image_batch_size < 1:
@@ -363,6 +365,8 @@ class SamRefiner:
         self.image_batch_size = int(image_batch_size)
         self.agreement_weight = float(agreement_weight)
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        # Image encoder and mask decoder calls: torch by default, or an exported backend's.
+        self.runners = runners or sam_torch_runners(sam)
 
     @property
     def device(self) -> torch.device:
@@ -407,9 +411,7 @@ class SamRefiner:
         resized = np.stack([self.transform.apply_image(image) for image in images])
         pixels = torch.as_tensor(resized, device=self.device).permute(0, 3, 1, 2)
         input_size = tuple(pixels.shape[-2:])
-        encoder_dtype = next(self.sam.image_encoder.parameters()).dtype
-        embeddings = self.sam.image_encoder(self.sam.preprocess(pixels).to(encoder_dtype))
-        return embeddings.float(), input_size
+        return self.runners.encode_images(self.sam.preprocess(pixels)), input_size
 
     def _refine_image(
         self,
@@ -431,7 +433,6 @@ class SamRefiner:
 
         classes: list[int] = []
         low_res, iou_pred = [], []
-        image_pe = sam.prompt_encoder.get_dense_pe()
         for (n_points, has_box), group in layouts.items():
             prompts = [x.prompt(b, c) for c in group]
             point_prompt = None
@@ -443,13 +444,7 @@ class SamRefiner:
             if has_box:
                 box_prompt = torch.as_tensor(np.stack([p[2] for p in prompts]), dtype=torch.float, device=self.device)
             sparse, dense = sam.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=None)
-            masks, iou = sam.mask_decoder(
-                image_embeddings=embedding,
-                image_pe=image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=True,
-            )
+            masks, iou = self.runners.decode_masks(embedding, sparse, dense)
             classes += group
             low_res.append(masks)
             iou_pred.append(iou)
