@@ -178,3 +178,28 @@ def test_backends_benchmark_times_every_component_at_every_batch(engines, tmp_pa
     for r in rows:
         assert r["onnxruntime_speedup"] == pytest.approx(r["torch"]["median_s"] / r["onnxruntime"]["median_s"])
         assert r["torch"]["items_per_s"] == pytest.approx(r["batch"] / r["torch"]["median_s"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backends", "onnxruntime"], "torch included"),
+    (["--backends", "torch,tpu"], "choose from torch, compile, onnxruntime, tensorrt"),
+    (["--backends", "torch,tensorrt"], "TensorRT is not installed"),
+    (["--components", "sam-image-encoder"], "times text-encoder, unet and vae-decoder"),
+])
+def test_backends_benchmark_bad_input(engines, tmp_path, args, message):
+    out = tmp_path / "b.json"
+    result = invoke("bench", "backends", "--engines", engines, "--batch-sizes", "1", "--reps", 1, "--warmup", 0,
+                    "--device", "cpu", "--json", out, *args)
+    assert result.exit_code == 2 and message in result.stderr and not out.exists()
+
+
+@pytest.mark.slow
+def test_backends_benchmark_with_compile(engines, tmp_path):
+    out = tmp_path / "b.json"
+    result = invoke("bench", "backends", "--engines", engines, "--batch-sizes", "2", "--reps", 1, "--warmup", 1,
+                    "--device", "cpu", "--json", out, "--components", "unet", "--backends", "torch,compile")
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["backends"] == ["torch", "compile"]
+    (row,) = data["results"]
+    assert row["compile_speedup"] == pytest.approx(row["torch"]["median_s"] / row["compile"]["median_s"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from enum import Enum
@@ -455,6 +456,72 @@ def build_engines_command(
     stderr.print(f"manifest: {out / 'manifest.json'}", highlight=False)
 
 
+class LoaderKind(str, Enum):
+    torch = "torch"
+    dali = "dali"
+
+
+@app.command()
+@reports_usage_errors
+def pretrain(
+    data: Annotated[Path, typer.Option("--data", help="A run directory written by generate (shards with masks).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for checkpoints, metrics and the configuration.")],
+    preset: Annotated[str, typer.Option("--preset", help="tiny (CPU, seconds), sd15-random or sd15 (ViT-B/16).")] = "tiny",
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimiser steps (preset default if unset).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per rank and micro-batch.")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimiser step.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Base learning rate (prompts and decoder get 10x).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, or bf16 (autocast).")] = None,
+    candidates: Annotated[Optional[int], typer.Option("--candidates", help="Classes scored per image (own + sampled).")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = None,
+    clip_weights: Annotated[Optional[str], typer.Option("--clip-weights", help="open_clip checkpoint or .safetensors of the CLIP towers.")] = None,
+    vocabulary: Annotated[Optional[str], typer.Option("--vocab", help="Class list (voc, context, coco-object, coco-stuff or a file); default: the data's classes.")] = None,
+    loader: Annotated[LoaderKind, typer.Option("--loader", help="torch, or dali (pip install 'magicseg-engine[dali]').")] = LoaderKind.torch,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Decoding processes of the torch loader.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Pretrain the segmentation model on generated pairs (torchrun for several processes)."""
+    from magicseg_engine.train.loop import load_pretrain_preset, pretrain as run_pretrain
+
+    if not (data / "manifest.jsonl").is_file():
+        raise UsageError(f"--data {data} holds no manifest.jsonl; point it at a run directory written by generate")
+    names = None
+    if vocabulary:
+        from magicseg_engine.vocab import load_vocabulary
+
+        names = list(load_vocabulary(vocabulary).classes)
+    config = load_pretrain_preset(preset, {
+        "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "warmup_steps": warmup_steps,
+        "precision": precision, "candidates": candidates, "checkpoint_every": checkpoint_every,
+        "clip_weights": clip_weights, "vocabulary": names, "loader": loader.value, "num_workers": workers,
+        "seed": seed,
+    })
+    device = _resolve_device(device)
+    main_process = os.environ.get("RANK", "0") == "0"
+    # The bar appears with the first step, after every check that can refuse the run.
+    bar = progress_bar(transient=False)
+    task = bar.add_task(f"pretrain ({config.preset})", total=config.steps, unit="steps", visible=main_process)
+
+    def on_step(step: int, total: int, metrics: dict) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=step, description=f"pretrain loss {metrics.get('loss', 0):.3f}")
+
+    try:
+        summary = run_pretrain(config, data, out, device=device, resume=resume, on_step=on_step)
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+    if main_process:
+        skipped = f"; samples left out: {summary.skipped}" if summary.skipped else ""
+        stderr.print(f"{summary.step - summary.resumed_from} steps ({summary.images} images per rank) in "
+                     f"{summary.seconds:.0f} s, resumed from step {summary.resumed_from}{skipped}. "
+                     f"Checkpoint: {summary.checkpoint}", highlight=False)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Measure this engine against a baseline in the same run.")
 app.add_typer(bench_app, name="bench")
 
@@ -553,16 +620,20 @@ def bench_backends_command(
     reps: Annotated[int, typer.Option("--reps", help="Timed repetitions (median reported).")] = 3,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed repetitions first.")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    components: Annotated[str, typer.Option("--components", help="Comma-separated: text-encoder, unet, vae-decoder.")] =
+        "text-encoder,unet,vae-decoder",
+    backends: Annotated[Optional[str], typer.Option("--backends", help="Comma-separated, torch included (default: torch,onnxruntime; on a GPU also compile, and tensorrt where installed).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
 ) -> None:
-    """Text encoder, UNet and VAE decoder: torch against onnxruntime at several batch sizes."""
+    """Text encoder, UNet and VAE decoder on each backend against eager torch, at several batch sizes."""
     from magicseg_engine.atomic import atomic_write_text
     from magicseg_engine.engine.backends import require_onnx
 
     require_onnx()
     from magicseg_engine.bench.backends import bench_backends
     from magicseg_engine.config import load_preset
-    from magicseg_engine.engine.build import parse_batch_sizes
+    from magicseg_engine.engine.build import parse_batch_sizes, parse_components
+    from magicseg_engine.engine.export import DIFFUSION_COMPONENTS
     from magicseg_engine.generate.models import load_diffusion, resolve_dtype
 
     if reps <= 0 or warmup < 0:
@@ -571,16 +642,21 @@ def bench_backends_command(
     device = _resolve_device(device)
     config = load_preset(preset, {"seed": seed})
     models = load_diffusion(config.diffusion, device, resolve_dtype("float32", device), seed=config.seed)
-    result = bench_backends(models, engines, batch_sizes=sizes, warmup=warmup, reps=reps)
+    names = parse_components(components)
+    if any(c not in DIFFUSION_COMPONENTS for c in names):
+        raise UsageError(f"--components {components}: bench backends times text-encoder, unet and vae-decoder")
+    result = bench_backends(models, engines, components=names, batch_sizes=sizes, warmup=warmup, reps=reps,
+                            backends=[b.strip() for b in backends.split(",")] if backends else None)
     text = json.dumps(result, indent=2) + "\n"
     if json_out:
         atomic_write_text(json_out, text)
     else:
         sys.stdout.write(text)
     for row in result["results"]:
+        others = ", ".join(f"{b} {1e3 * row[b]['median_s']:.1f} ms ({row[b + '_speedup']:.2f}x)"
+                           for b in result["backends"] if b != "torch")
         stderr.print(f"{row['component']:>12} batch {row['batch']:>2}: torch {1e3 * row['torch']['median_s']:.1f} ms, "
-                     f"onnxruntime {1e3 * row['onnxruntime']['median_s']:.1f} ms ({row['onnxruntime_speedup']:.2f}x)",
-                     highlight=False)
+                     f"{others}", highlight=False)
 
 
 def _resolve_device(device: str) -> str:
@@ -601,3 +677,7 @@ def _resolve_device(device: str) -> str:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""A synthetic run directory of coloured shapes, in the sample format generate writes.
+
+Each class is a coloured shape ("red circle", "blue triangle"; a bare shape name takes that
+shape's default colour). A sample shows one or two classes on a smooth, noisy, low-saturation
+background; its twin is the same background without the shapes, its mask labels each shape's
+pixels with the 1-based index of its class in the sample's "classes". Shapes are drawn without
+anti-aliasing from the same footprint as the mask, so image and mask agree pixel for pixel
+(up to JPEG). Everything is a function of the seed: the same call writes the same samples, a
+held-out split is the same call with another seed.
+
+`write_coordinate_run` writes a second kind, for checking that a loader keeps image, twin and
+mask aligned: pixel values encode their own coordinates and the mask is a checkerboard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from magicseg_engine.data.shards import ShardWriter, finished_keys, sample_key
+from magicseg_engine.prompts.records import sample_seed
+
+MODEL_ID = "synthetic-shapes"
+BACKGROUND_PROMPT = "a textured background"
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 60, 230), "yellow": (235, 215, 20),
+    "magenta": (210, 40, 200), "cyan": (20, 200, 210), "orange": (245, 130, 10), "white": (250, 250, 250),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
+# Default colours of bare shape names: all different, so a bare vocabulary stays learnable by colour.
+DEFAULT_COLOUR = {"circle": "red", "square": "green", "triangle": "blue", "diamond": "yellow",
+                  "cross": "magenta", "ring": "cyan"}
+DEFAULT_CLASSES = ("red circle", "green square", "blue triangle", "yellow diamond")
+
+
+def parse_class(name: str) -> tuple[str, tuple[int, int, int]]:
+    """(shape, RGB colour) of a class name like "red circle" or "circle"; ValueError if unknown."""
+    words = name.strip().lower().split()
+    if not words or words[-1] not in SHAPES or len(words) > 2:
+        raise ValueError(f"unknown synthetic class {name!r}: use '[colour] shape' with shape in {SHAPES}")
+    colour = words[0] if len(words) == 2 else DEFAULT_COLOUR[words[-1]]
+    if colour not in COLOURS:
+        raise ValueError(f"unknown colour {colour!r} in {name!r}: choose from {sorted(COLOURS)}")
+    return words[-1], COLOURS[colour]
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Smooth blotches of muted colour plus pixel noise: texture without any saturated colour."""
+    grid = 2 + int(rng.integers(0, 5))
+    grey = rng.uniform(70, 170, size=(grid, grid, 1))
+    tint = rng.uniform(-15, 15, size=(grid, grid, 3))
+    coarse = Image.fromarray(np.clip(grey + tint, 0, 255).astype(np.uint8))
+    smooth = np.asarray(coarse.resize((size, size), Image.BICUBIC), dtype=np.float32)
+    noise = rng.normal(0.0, 8.0, size=(size, size, 1)) + rng.normal(0.0, 3.0, size=(size, size, 3))
+    return np.clip(smooth + noise, 0, 255).astype(np.uint8)
+
+
+def _polygon(cx: float, cy: float, r: float, angle: float, points: Sequence[tuple[float, float]]) -> list[tuple]:
+    cos, sin = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in points]
+
+
+_UNIT_SHAPES = {
+    "square": [(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)],
+    "triangle": [(0.0, -1.0), (0.87, 0.5), (-0.87, 0.5)],
+    "diamond": [(0.0, -1.0), (0.65, 0.0), (0.0, 1.0), (-0.65, 0.0)],
+    "cross": [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1),
+              (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)],
+}
+
+
+def _footprint(shape: str, size: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
+    """Boolean [size, size] pixels of one shape, drawn without anti-aliasing."""
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    if shape in ("circle", "ring"):
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=1)
+        if shape == "ring":
+            inner = 0.55 * r
+            draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
+    else:
+        draw.polygon(_polygon(cx, cy, r, angle, _UNIT_SHAPES[shape]), fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _place(rng: np.random.Generator, shape: str, size: int, taken: np.ndarray) -> np.ndarray:
+    """A footprint that overlaps the shapes already placed as little as a few tries allow."""
+    best = None
+    for _ in range(30):
+        r = rng.uniform(0.14, 0.28) * size
+        cx, cy = rng.uniform(r, size - r, size=2)
+        fp = _footprint(shape, size, cx, cy, r, rng.uniform(0, 2 * math.pi))
+        overlap = int((fp & taken).sum())
+        if best is None or overlap < best[0]:
+            best = (overlap, fp)
+        if overlap == 0:
+            break
+    return best[1]
+
+
+def render_sample(rng: np.random.Generator, names: Sequence[str],
+                  size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positive RGB, twin RGB, uint8 label map) of one sample showing the classes `names`."""
+    twin = _background(rng, size)
+    image = twin.copy()
+    labels = np.zeros((size, size), dtype=np.uint8)
+    for index, name in enumerate(names, 1):
+        shape, colour = parse_class(name)
+        fp = _place(rng, shape, size, labels > 0)
+        # A little shading noise so the class is a colour region, not one exact RGB value.
+        shade = rng.normal(0.0, 6.0, size=(int(fp.sum()), 1))
+        image[fp] = np.clip(np.asarray(colour, dtype=np.float64) + shade, 0, 255).astype(np.uint8)
+        labels[fp] = index
+    return image, twin, labels
+
+
+def _jpeg(image: np.ndarray, quality: int) -> bytes:
+    buf = BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _png(labels: np.ndarray) -> bytes:
+    buf = BytesIO()
+    Image.fromarray(labels, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _prompt(names: Sequence[str]) -> str:
+    return f"{' and '.join('a ' + n for n in names)} on {BACKGROUND_PROMPT}"
+
+
+def write_synthetic_run(
+    out_dir: Path | str,
+    num_samples: int,
+    size: int = 64,
+    seed: int = 0,
+    classes: Sequence[str] = DEFAULT_CLASSES,
+    *,
+    samples_per_shard: int = 64,
+    masks: bool = True,
+    max_classes: int = 2,
+    jpeg_quality: int = 95,
+    writer_id: str = "0",
+) -> list[str]:
+    """Write `num_samples` shape samples into the run directory `out_dir`; return the class names.
+
+    Samples are what generate writes: `pos.jpg`, `neg.jpg`, `mask.png` (left out when `masks`
+    is False, like `--mask-source none`) and `json` with "classes", "prompt",
+    "negative_prompt", "seed", "mask_source" and the rest of generate's metadata. Keys come from
+    `sample_key`, so samples a directory already holds are not written again, and another
+    seed (a held-out split, or more data in the same directory) gives other keys.
+    """
+    names = [" ".join(c.strip().lower().split()) for c in classes]
+    for name in names:
+        parse_class(name)
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"classes must be distinct and non-empty, got {list(classes)}")
+    if not 1 <= max_classes <= len(names):
+        raise ValueError(f"max_classes must be in 1..{len(names)}, got {max_classes}")
+    out_dir = Path(out_dir)
+    done = finished_keys(out_dir)
+    with ShardWriter(out_dir, samples_per_shard, writer_id, prefix="synthetic") as writer:
+        for index in range(num_samples):
+            item_seed = sample_seed(seed, index)
+            rng = np.random.default_rng(item_seed)
+            count = int(rng.integers(1, max_classes + 1))
+            chosen = [names[i] for i in rng.choice(len(names), size=count, replace=False)]
+            prompt = _prompt(chosen)
+            key = sample_key(MODEL_ID, prompt, BACKGROUND_PROMPT, item_seed)
+            if key in done:
+                continue
+            image, twin, labels = render_sample(rng, chosen, size)
+            files = {"pos.jpg": _jpeg(image, jpeg_quality), "neg.jpg": _jpeg(twin, jpeg_quality)}
+            meta = {
+                "key": key, "prompt_id": f"synthetic-{seed}-{index}", "classes": chosen,
+                "prompt": prompt, "negative_prompt": BACKGROUND_PROMPT, "seed": item_seed,
+                "model": MODEL_ID, "preset": "synthetic", "size": [size, size],
+                "shared_noise": True, "mask_source": "synthetic" if masks else "none",
+            }
+            if masks:
+                files["mask.png"] = _png(labels)
+                meta["masks"] = {
+                    "classes": [{"name": n, "found": True, "pixels": int((labels == i).sum())}
+                                for i, n in enumerate(chosen, 1)],
+                    "counterfactual": {"passed": True, "reason": None},
+                }
+            files["json"] = json.dumps(meta, sort_keys=True).encode()
+            writer.add(key, files)
+    return names
+
+
+COORDINATE_CLASSES = ("even cell", "odd cell")
+COORDINATE_CELL = 8  # checkerboard cell side in pixels
+
+
+def coordinate_labels(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The coordinate run's label at integer pixel (x, y): a checkerboard of 1 and 2, and
+    IGNORE (255) in the top-left cell, so that ignore labels are checked too."""
+    cx, cy = x // COORDINATE_CELL, y // COORDINATE_CELL
+    labels = (1 + (cx + cy) % 2).astype(np.uint8)
+    return np.where((cx == 0) & (cy == 0), np.uint8(255), labels)
+
+
+def write_coordinate_run(out_dir: Path | str, num_samples: int, size: int = 64, seed: int = 0,
+                         *, samples_per_shard: int = 64) -> list[str]:
+    """Samples whose pixels encode where they are: red = x, green = y (scaled to 0-255), blue
+    200 in the positive and 0 in the twin; the mask is `coordinate_labels`.
+
+    After any crop, flip or rescale, a loader output pixel's red and green say which source
+    pixel it came from, so the mask label there must be that pixel's label and the twin's red
+    and green must equal the image's. JPEG at quality 100 without chroma subsampling keeps the
+    ramps within about one level. Returns the class names.
+    """
+    ys, xs = np.mgrid[0:size, 0:size]
+    scale = 255.0 / (size - 1)
+    ramp = np.stack([np.rint(xs * scale), np.rint(ys * scale)], axis=-1).astype(np.uint8)
+    image = np.concatenate([ramp, np.full((size, size, 1), 200, np.uint8)], axis=-1)
+    twin = np.concatenate([ramp, np.zeros((size, size, 1), np.uint8)], axis=-1)
+    labels = coordinate_labels(xs, ys)
+
+    def jpeg(pixels: np.ndarray) -> bytes:
+        buf = BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=100, subsampling=0)
+        return buf.getvalue()
+
+    files = {"pos.jpg": jpeg(image), "neg.jpg": jpeg(twin), "mask.png": _png(labels)}
+    classes = list(COORDINATE_CLASSES)
+    out_dir = Path(out_dir)
+    done = finished_keys(out_dir)
+    with ShardWriter(out_dir, samples_per_shard, "0", prefix="coordinates") as writer:
+        for index in range(num_samples):
+            # Every sample has the same pixels; only its seed (and so its key and crop) differs.
+            item_seed = sample_seed(seed, index)
+            prompt = "a checkerboard"
+            key = sample_key("synthetic-coordinates", prompt, "", item_seed)
+            if key in done:
+                continue
+            meta = {"key": key, "prompt_id": f"coordinates-{seed}-{index}", "classes": classes,
+                    "prompt": prompt, "negative_prompt": "", "seed": item_seed,
+                    "model": "synthetic-coordinates", "size": [size, size], "mask_source": "synthetic"}
+            writer.add(key, {**files, "json": json.dumps(meta, sort_keys=True).encode()})
+    return classes
