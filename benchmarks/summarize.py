@@ -28,6 +28,24 @@ def headline(name: str, data: dict) -> list[tuple[str, str, str]]:
                  f"{c['layers']} layers, {c['kernel']}"),
                 ("SAM batched vs SamPredictor one prompt at a time", f"{s['speedup']:.2f}x",
                  f"{s['images']} images")]
+    if data.get("benchmark") == "backends":
+        others = [b for b in data.get("backends", ["torch", "onnxruntime"]) if b != "torch"]
+        return [(f"{r['component']} batch {r['batch']}, {b} vs eager torch", f"{r[b + '_speedup']:.2f}x",
+                 f"{1e3 * r[b]['median_s']:.1f} vs {1e3 * r['torch']['median_s']:.1f} ms")
+                for r in data["results"] for b in others]
+    if data.get("benchmark") == "pretrain":
+        lo, st = data["loaders"], data["step"]
+        rows = []
+        if "dali_speedup" in lo:
+            rows.append(("loader images/s, DALI vs torch", f"{lo['dali_speedup']:.2f}x",
+                         f"{lo['dali']['images_per_s']:.0f} vs {lo['torch']['images_per_s']:.0f} images/s "
+                         f"at {data['image_size']} px"))
+        if "fused_speedup" in st:
+            rows.append(("training step, fused vs eager losses", f"{st['fused_speedup']:.2f}x", ""))
+        else:
+            rows.append(("training step (eager losses)", f"{1e3 * st['eager']['median_s']:.0f} ms",
+                         f"{st['eager']['images_per_s']:.0f} images/s; fused losses need a GPU"))
+        return rows
     rows = []
     for key, value in data.get("ratios", {}).items():
         if "speedup" in key and "all_threads" in key:

@@ -66,3 +66,19 @@ def test_masks_benchmark_reports_capture_overhead_and_sam_speedup(tmp_path):
         capture["with_capture"]["median_s"] / capture["without_capture"]["median_s"] - 1)
     assert sam["images"] == 2 and sam["speedup"] == pytest.approx(
         sam["one_by_one"]["median_s"] / sam["batched"]["median_s"])
+
+
+def test_bench_pretrain_times_loaders_and_steps(tmp_path):
+    out = tmp_path / "pretrain.json"
+    result = CliRunner().invoke(app, ["bench", "pretrain", "--samples", "16", "--reps", "1", "--warmup", "0",
+                                      "--workers", "0", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["loaders"]["torch"]["images"] == 16
+    assert data["step"]["eager"]["images_per_s"] == pytest.approx(
+        data["step"]["eager"]["batch_size"] / data["step"]["eager"]["median_s"])
+    assert "skipped" in data["step"]["fused"]  # no GPU here
+    if "images_per_s" in data["loaders"]["dali"]:
+        assert data["loaders"]["dali"]["images"] == 16
+        assert data["loaders"]["dali_speedup"] == pytest.approx(
+            data["loaders"]["dali"]["images_per_s"] / data["loaders"]["torch"]["images_per_s"])

@@ -659,6 +659,40 @@ def bench_backends_command(
                      f"{others}", highlight=False)
 
 
+@bench_app.command("pretrain")
+@reports_usage_errors
+def bench_pretrain_command(
+    preset: Annotated[str, typer.Option("--preset", help="tiny (CPU) or sd15-random (GPU).")] = "tiny",
+    samples: Annotated[int, typer.Option("--samples", help="Synthetic samples the loaders read.")] = 128,
+    workers: Annotated[int, typer.Option("--workers", help="torch loader processes / DALI threads.")] = 2,
+    reps: Annotated[int, typer.Option("--reps", help="Timed steps (median reported).")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps first.")] = 2,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+) -> None:
+    """Loader images/s (torch vs DALI) and step time and peak memory (fused vs eager losses)."""
+    import torch
+
+    from magicseg_engine.atomic import atomic_write_text
+    from magicseg_engine.bench.pretrain import bench_pretrain
+
+    if samples <= 0 or reps <= 0 or warmup < 0 or workers < 0:
+        raise UsageError("--samples and --reps must be positive, --warmup and --workers not negative")
+    result = bench_pretrain(preset, torch.device(_resolve_device(device)), samples, workers, warmup, reps)
+    text = json.dumps(result, indent=2) + "\n"
+    if json_out:
+        atomic_write_text(json_out, text)
+    else:
+        sys.stdout.write(text)
+    loaders, step = result["loaders"], result["step"]
+    dali = loaders["dali"].get("images_per_s")
+    stderr.print(f"loader: torch {loaders['torch']['images_per_s']:.0f} images/s, "
+                 + (f"DALI {dali:.0f} images/s" if dali else f"DALI skipped ({loaders['dali']['skipped']})")
+                 + f"; step: eager {1e3 * step['eager']['median_s']:.1f} ms"
+                 + (f", fused {1e3 * step['fused']['median_s']:.1f} ms" if "median_s" in step["fused"] else ""),
+                 highlight=False)
+
+
 def _resolve_device(device: str) -> str:
     import torch
 
