@@ -9,10 +9,19 @@ import torch
 
 from magicseg_engine.train.dali_loader import INSTALL_HINT, import_dali
 from magicseg_engine.train.data import IGNORE_INDEX, PairLoader
-from magicseg_engine.train.synthetic import parse_class, write_coordinate_run, write_synthetic_run
+from magicseg_engine.train.synthetic import parse_class
 
 # The checks shared with the torch loader's tests (pytest puts tests/ on sys.path).
-from test_train_data import VOCABULARY, build_bad_run, check_coordinate_batch, pixels, same_batches  # noqa: E402
+# The runs are the torch loader tests' module fixtures: both loaders are checked on the same data.
+from test_train_data import (  # noqa: E402,F401
+    VOCABULARY,
+    build_bad_run,
+    check_coordinate_batch,
+    coordinate_run,
+    pixels,
+    same_batches,
+    shapes_run,
+)
 
 try:
     import_dali()
@@ -32,20 +41,6 @@ def test_a_missing_dali_names_the_extra_to_install(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'magicseg-engine\[dali\]'") as err:
         import_dali()
     assert str(err.value) == INSTALL_HINT
-
-
-@pytest.fixture(scope="module")
-def shapes_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes")
-    write_synthetic_run(out, 40, size=64, seed=1, samples_per_shard=16)
-    return out
-
-
-@pytest.fixture(scope="module")
-def coordinate_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("coordinates")
-    write_coordinate_run(out, 24, size=64, seed=0, samples_per_shard=12)
-    return out
 
 
 def dali_loader(run, **kwargs):
