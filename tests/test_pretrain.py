@@ -205,3 +205,15 @@ def test_tiny_model_learns_coloured_shapes(tmp_path):
 
     hinge = [json.loads(x)["counterfactual"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert np.mean(hinge[-50:]) < 0.8 * np.mean(hinge[:20])
+
+
+def test_pretrain_reads_what_generate_wrote(tmp_path):
+    run = tmp_path / "run"
+    result = invoke("generate", "--classes", "voc", "--num-pairs", 4, "--out", run, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    result = invoke("pretrain", "--data", run, "--out", tmp_path / "ckpt", "--steps", 2, "--batch-size", 2,
+                    "--vocab", "voc", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "ckpt" / "pretrain.json").read_text())
+    assert len(saved["vocabulary"]) == 20  # the whole VOC list, not only the classes drawn
+    assert [s for s, _ in checkpoint_paths(tmp_path / "ckpt")] == [2]
