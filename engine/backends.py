@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from magicseg_engine.engine.export import CAPTURE_COMPONENT, DIFFUSION_COMPONENTS, SAM_COMPONENTS
+from magicseg_engine.engine.export import CAPTURE_COMPONENT, DIFFUSION_COMPONENTS, SAM_COMPONENTS, to_numpy
 from magicseg_engine.errors import UsageError
 
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
@@ -92,7 +92,7 @@ class OnnxRuntimeComponent:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        feeds = {k: v.detach().cpu().numpy().astype(self.exported.dtypes[k], copy=False) for k, v in inputs.items()}
+        feeds = {k: to_numpy(v, self.exported.dtypes[k]) for k, v in inputs.items()}
         outputs = self.session.run(None, feeds)
         return {n: torch.from_numpy(o).to(self.device) for n, o in zip(self.output_names, outputs)}
 

@@ -1201,7 +1201,7 @@ def parity(
         dtype = _ORT_TYPES.get(value.type)
         if dtype is None:
             raise ValueError(f"unsupported input type {value.type} of {value.name}")
-        feeds[value.name] = _to_numpy(sample_inputs[value.name], dtype)
+        feeds[value.name] = to_numpy(sample_inputs[value.name], dtype)
     t0 = time.perf_counter()
     got = session.run(list(spec.outputs), feeds)
     ort_s = time.perf_counter() - t0
@@ -1224,7 +1224,7 @@ def capture_parity(models: Any, exported: ExportedModel) -> dict[str, Any]:
     with wrapper.installed(), _eval_mode(wrapper), torch.no_grad():
         expected = wrapper(*(inputs[n] for n in exported.input_names))
     session = onnxruntime_session(exported, providers=["CPUExecutionProvider"])
-    feeds = {v.name: _to_numpy(inputs[v.name], _ORT_TYPES[v.type]) for v in session.get_inputs()}
+    feeds = {v.name: to_numpy(inputs[v.name], _ORT_TYPES[v.type]) for v in session.get_inputs()}
     got = session.run(list(exported.output_names), feeds)
     return _compare(exported.output_names, expected, got)
 
@@ -1255,7 +1255,8 @@ _ORT_TYPES = {
 }
 
 
-def _to_numpy(t: torch.Tensor, dtype: Any) -> np.ndarray:
+def to_numpy(t: torch.Tensor, dtype: Any) -> np.ndarray:
+    """`t` as a numpy array of `dtype` (a numpy dtype or name; "bfloat16" through ml_dtypes)."""
     if dtype == "bfloat16":
         import ml_dtypes
 
