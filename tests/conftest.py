@@ -17,3 +17,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shapes_model(tmp_path_factory):
+    """The tiny preset pretrained for its 400 steps on 256 coloured-shape samples (about a
+    minute on 2 CPU cores): the pretraining output folder, shared by the learnability and the
+    evaluation tests."""
+    from magicseg_engine.train.loop import load_pretrain_preset, pretrain
+    from magicseg_engine.train.synthetic import write_synthetic_run
+
+    base = tmp_path_factory.mktemp("shapes-model")
+    write_synthetic_run(base / "train", 256, size=64, seed=1)
+    pretrain(load_pretrain_preset("tiny"), base / "train", base / "out")
+    return base / "out"

@@ -179,31 +179,29 @@ def test_torchrun_two_processes_on_gloo(shapes, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_model_learns_coloured_shapes(tmp_path):
+def test_tiny_model_learns_coloured_shapes(shapes_model, tmp_path):
     """No real weights needed: 400 CPU steps on synthetic shapes reach a held-out mIoU far above
     chance (an untrained model scores about 0.1), and the counterfactual hinge falls."""
     from magicseg_engine.train.data import PairLoader
-    from magicseg_engine.train.loop import pretrain
     from magicseg_engine.train.model import MagicSegModel, TextEmbeddingBank
     from magicseg_engine.train.segment import mean_iou
 
-    write_synthetic_run(tmp_path / "train", 256, size=64, seed=1)
     write_synthetic_run(tmp_path / "held", 64, size=64, seed=2)
-    config = load_pretrain_preset("tiny")
-    summary = pretrain(config, tmp_path / "train", tmp_path / "out")
-    assert summary.step == 400
+    found = checkpoint_paths(shapes_model)
+    assert found[-1][0] == 400
 
-    state = load_checkpoint(checkpoint_paths(tmp_path / "out")[-1][1])
+    config = load_pretrain_preset("tiny")
+    state = load_checkpoint(found[-1][1])
     model = MagicSegModel(config.model)
     model.load_state_dict(state["model"])
     vocab = state["vocabulary"]
-    text = TextEmbeddingBank(model, cache_dir=tmp_path / "out" / "text-cache").lookup(vocab)
+    text = TextEmbeddingBank(model, cache_dir=shapes_model / "text-cache").lookup(vocab)
     held = PairLoader(tmp_path / "held", 16, 64, augment=False, shuffle=False)
     result = mean_iou(model, held, text, vocab)
     assert result["miou"] > 0.5, result
     assert min(result["iou"].values()) > 0.3, result  # every shape, not just the background
 
-    hinge = [json.loads(x)["counterfactual"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    hinge = [json.loads(x)["counterfactual"] for x in (shapes_model / "metrics.jsonl").read_text().splitlines()]
     assert np.mean(hinge[-50:]) < 0.8 * np.mean(hinge[:20])
 
 

@@ -522,6 +522,138 @@ def pretrain(
                      f"Checkpoint: {summary.checkpoint}", highlight=False)
 
 
+class EvalDatasetName(str, Enum):
+    voc = "voc"
+    context = "context"
+    coco_stuff = "coco-stuff"
+    coco_object = "coco-object"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+@app.command()
+@reports_usage_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A pretrain --out folder (its newest checkpoint) or a step-N.pt file.")],
+    dataset: Annotated[EvalDatasetName, typer.Option("--dataset", help="Benchmark layout under --root.")],
+    root: Annotated[Path, typer.Option("--root", help="The dataset folder (VOC2012/, VOC2010/ or the COCO-Stuff root).")],
+    split: Annotated[str, typer.Option("--split", help="Split to score.")] = "val",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Where to save the results (default: eval/ beside the checkpoints).")] = None,
+    classes: Annotated[Optional[Path], typer.Option("--classes", help="Class file (one per line, label order) replacing the dataset's names.")] = None,
+    unseen: Annotated[Optional[str], typer.Option("--unseen", help="Unseen classes for seen/unseen/harmonic mIoU: comma-separated names or a file.")] = None,
+    short_side: Annotated[Optional[int], typer.Option("--short-side", help="Images are resized to this short side (default: the model's crop).")] = None,
+    crop: Annotated[Optional[int], typer.Option("--crop", help="Sliding-window size (default: the model's input size).")] = None,
+    stride: Annotated[Optional[int], typer.Option("--stride", help="Sliding-window stride (default: 2/3 of the crop).")] = None,
+    flip: Annotated[bool, typer.Option("--flip", help="Also average the horizontally flipped image.")] = False,
+    bg_threshold: Annotated[float, typer.Option("--bg-threshold", help="Datasets scoring background: a pixel whose best class scores below this is background.")] = 0.5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per model call.")] = 8,
+    workers: Annotated[int, typer.Option("--workers", help="Decoding processes.")] = 2,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N images (a quick look).")] = None,
+    save_predictions: Annotated[Optional[Path], typer.Option("--save-predictions", help="Folder for predicted label PNGs (evaluation labels).")] = None,
+    precision: Annotated[Precision, typer.Option("--precision")] = Precision.fp32,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Zero-shot mIoU of a pretrained checkpoint on VOC, PASCAL Context, COCO-Stuff or COCO-Object."""
+    from magicseg_engine.atomic import atomic_write_text, check_writable_dir
+    from magicseg_engine.evaluate.datasets import load_dataset
+    from magicseg_engine.evaluate.inference import SlideSettings
+    from magicseg_engine.evaluate.run import EvalSettings, evaluate as run_evaluate, load_segmenter
+
+    if not 0.0 < bg_threshold < 1.0:
+        raise UsageError(f"--bg-threshold {bg_threshold} must lie between 0 and 1")
+    for flag, value in (("--batch-size", batch_size), ("--limit", limit), ("--short-side", short_side),
+                        ("--crop", crop), ("--stride", stride)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    if workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {workers}")
+    names = _class_file(classes) if classes is not None else None
+    data = load_dataset(dataset.value, root, split, class_names=names, limit=limit)
+    unseen_names = _unseen_names(unseen, data.class_names) if unseen else []
+    device = _resolve_device(device)
+    segmenter = load_segmenter(checkpoint, device)
+    model_crop = segmenter.model.config.image_size
+    try:
+        slide = SlideSettings.for_crop(crop or model_crop, short_side=short_side, stride=stride,
+                                       flip=flip, batch_size=batch_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if slide.crop % segmenter.model.config.patch_size:
+        raise UsageError(f"--crop {slide.crop} is not a multiple of the model's patch size "
+                         f"{segmenter.model.config.patch_size}")
+    if json_out is None:
+        base = segmenter.run_dir or segmenter.checkpoint.parent
+        json_out = base / "eval" / f"{data.layout.name}-{split}-step{segmenter.step}.json"
+    check_writable_dir(json_out.parent)
+
+    with progress_bar(transient=False) as bar:
+        task = bar.add_task(f"evaluate {data.layout.title} {split}", total=len(data.samples), unit="images")
+        result = run_evaluate(
+            segmenter, data, EvalSettings(slide, bg_threshold, precision.value, workers),
+            unseen=unseen_names, save_predictions=save_predictions,
+            on_image=lambda done, total: bar.update(task, completed=done),
+        )
+    atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+    _print_evaluation(result)
+    stderr.print(f"Saved {json_out}", highlight=False)
+
+
+def _class_file(path: Path) -> list[str]:
+    from magicseg_engine.vocab import load_vocabulary
+
+    if not path.is_file():
+        raise UsageError(f"--classes {path} is not a file; give one class name per line, in label order")
+    vocabulary = load_vocabulary(str(path))
+    if vocabulary.duplicates:
+        # Labels index the list: dropping a repeated name would shift every later class.
+        raise UsageError(f"--classes {path} repeats {', '.join(vocabulary.duplicates)}; labels index the list, "
+                         "so each line must name a different class")
+    return list(vocabulary.classes)
+
+
+def _unseen_names(spec: str, names: tuple[str, ...]) -> list[str]:
+    path = Path(spec)
+    if path.is_file():
+        wanted = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                  if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        wanted = [n.strip() for n in spec.split(",") if n.strip()]
+    by_lower = {n.lower(): n for n in names}
+    unknown = [n for n in wanted if n.lower() not in by_lower]
+    if unknown:
+        raise UsageError(f"--unseen names {', '.join(repr(n) for n in unknown)} that are not classes of this "
+                         "dataset; use its class names (see --classes)")
+    if not wanted:
+        raise UsageError("--unseen names no class")
+    return list(dict.fromkeys(by_lower[n.lower()] for n in wanted))
+
+
+def _print_evaluation(result: dict) -> None:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    summary = Table(title=f"{result['title']} {result['split']}",
+                    caption=f"{result['images']} images, checkpoint step {result['step']}")
+    for column in ("mIoU", "pixel acc", "mean acc"):
+        summary.add_column(column, justify="right")
+    row = [pct(result["miou"]), pct(result["pixel_accuracy"]), pct(result["mean_accuracy"])]
+    if "harmonic_miou" in result:
+        for column in ("seen mIoU", "unseen mIoU", "hIoU"):
+            summary.add_column(column, justify="right")
+        row += [pct(result["seen_miou"]), pct(result["unseen_miou"]), pct(result["harmonic_miou"])]
+    summary.add_row(*row)
+    per_class = Table(title="per class (%)")
+    for column, justify in (("class", "left"), ("IoU", "right"), ("acc", "right")):
+        per_class.add_column(column, justify=justify)
+    for name, iou in result["iou"].items():
+        per_class.add_row(name, pct(iou), pct(result["accuracy"][name]))
+    stdout.print(per_class)
+    stdout.print(summary)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Measure this engine against a baseline in the same run.")
 app.add_typer(bench_app, name="bench")
 

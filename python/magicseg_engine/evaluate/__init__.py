@@ -1,0 +1,1 @@
+"""Zero-shot evaluation of a pretrained model: benchmark readers, sliding-window inference, metrics."""

@@ -1,0 +1,203 @@
+"""Readers for the standard zero-shot segmentation benchmarks, in the layouts people already have.
+
+Each reader turns a dataset root into a list of (image, label file) pairs and a class list,
+and decodes a label PNG into evaluation labels: 0..C-1 for the C scored classes (with
+background as class 0 where the dataset scores it) and IGNORE_LABEL for pixels no metric
+counts. The layouts are those of the usual conversion scripts:
+
+| dataset     | root holds                                                      | label values                  |
+|-------------|-----------------------------------------------------------------|-------------------------------|
+| voc         | JPEGImages/, SegmentationClass/, ImageSets/Segmentation/{split}.txt | 0 background, 1..20, 255 border |
+| context     | JPEGImages/, SegmentationClassContext/, ImageSets/SegmentationContext/{split}.txt | 0 unlabelled (ignored), 1..59 |
+| coco-stuff  | images/{split}2017/*.jpg, annotations/{split}2017/*_labelTrainIds.png | 0..170, 255 unlabelled   |
+| coco-object | images/{split}2017/*.jpg, annotations/{split}2017/*_instanceTrainIds.png | 0 background, 1..80, 255 |
+
+VOC and COCO-Object score background as a class (the model predicts it by a threshold on its
+top class score); PASCAL Context 59 and COCO-Stuff 171 leave unlabelled pixels out. A root
+may also be a folder above the layout (`VOCdevkit/`, its parent, `coco_stuff164k/`'s parent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from magicseg_engine.errors import UsageError
+from magicseg_engine.vocab import load_vocabulary
+
+IGNORE_LABEL = 255
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one benchmark keeps its files, and how its label values map to scored classes."""
+
+    name: str
+    title: str
+    vocabulary: str  # the shipped class list, in label order
+    background: bool  # label 0 is background and is scored as class 0
+    zero_is_ignored: bool  # label 0 is unlabelled: ignored, and labels shift down by one
+    image_dir: str
+    label_dir: str
+    label_suffix: str
+    image_suffix: str = ".jpg"
+    split_file: str | None = None  # a list of ids; None: every image that has a label file
+    # Folders under a given root where the layout is also looked for.
+    nested: tuple[str, ...] = ()
+
+    def describe(self, split: str) -> str:
+        parts = [self.image_dir.format(split=split) + "/", self.label_dir.format(split=split) + "/"]
+        if self.split_file:
+            parts.append(self.split_file.format(split=split))
+        return ", ".join(parts)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "voc": Layout(
+        "voc", "PASCAL VOC 2012", "voc", background=True, zero_is_ignored=False,
+        image_dir="JPEGImages", label_dir="SegmentationClass", label_suffix=".png",
+        split_file="ImageSets/Segmentation/{split}.txt", nested=("VOC2012", "VOCdevkit/VOC2012"),
+    ),
+    "context": Layout(
+        "context", "PASCAL Context 59", "context", background=False, zero_is_ignored=True,
+        image_dir="JPEGImages", label_dir="SegmentationClassContext", label_suffix=".png",
+        split_file="ImageSets/SegmentationContext/{split}.txt", nested=("VOC2010", "VOCdevkit/VOC2010"),
+    ),
+    "coco-stuff": Layout(
+        "coco-stuff", "COCO-Stuff 171", "coco-stuff", background=False, zero_is_ignored=False,
+        image_dir="images/{split}2017", label_dir="annotations/{split}2017", label_suffix="_labelTrainIds.png",
+        nested=("coco_stuff164k", "coco"),
+    ),
+    "coco-object": Layout(
+        "coco-object", "COCO-Object 80", "coco-object", background=True, zero_is_ignored=False,
+        image_dir="images/{split}2017", label_dir="annotations/{split}2017", label_suffix="_instanceTrainIds.png",
+        nested=("coco_stuff164k", "coco"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class EvalDataset:
+    """The samples of one split and the names of the scored classes, background first where scored."""
+
+    layout: Layout
+    root: Path
+    split: str
+    samples: tuple[Sample, ...]
+    class_names: tuple[str, ...]  # the names given to the model (without background)
+
+    @property
+    def background(self) -> bool:
+        return self.layout.background
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the metric scores: background (where scored) plus the named classes."""
+        return len(self.class_names) + int(self.background)
+
+    @property
+    def scored_names(self) -> list[str]:
+        return (["background"] if self.background else []) + list(self.class_names)
+
+    def read_labels(self, sample: Sample) -> np.ndarray:
+        """[H, W] int64 evaluation labels of `sample`: 0..num_classes-1 or IGNORE_LABEL."""
+        return decode_labels(sample.label, self.layout, len(self.class_names))
+
+
+def decode_labels(path: Path, layout: Layout, named_classes: int) -> np.ndarray:
+    """Evaluation labels of a label PNG; UsageError for a file that is not one of `layout`."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P"):
+                raise UsageError(f"{path} has image mode {image.mode}; {layout.title} labels are 8-bit label PNGs")
+            raw = np.asarray(image).astype(np.int64)  # "P": the palette indices are the labels
+    except (OSError, SyntaxError) as err:
+        raise UsageError(f"cannot read label file {path}: {err}") from None
+    labels = raw.copy()
+    if layout.zero_is_ignored:
+        labels = np.where(raw == 0, IGNORE_LABEL, raw - 1)
+        labels[raw == IGNORE_LABEL] = IGNORE_LABEL
+    scored = named_classes + int(layout.background)
+    bad = (labels >= scored) & (labels != IGNORE_LABEL)
+    if bad.any():
+        raise UsageError(f"{path} holds label {int(raw[bad].max())}, beyond the {named_classes} classes of "
+                         f"{layout.title}; check --dataset, or pass the matching --classes file")
+    return labels
+
+
+def find_root(layout: Layout, root: Path, split: str) -> Path:
+    """The folder under `root` (itself or a known nesting) that holds `layout`; UsageError if none."""
+    candidates = [root, *(root / n for n in layout.nested)]
+    for folder in candidates:
+        if _holds_layout(layout, folder, split):
+            return folder
+    if not root.is_dir():
+        raise UsageError(f"--root {root} is not a folder; point it at a {layout.title} dataset")
+    # A layout whose split is missing is a different mistake from a wrong root.
+    marker = layout.split_file or layout.image_dir
+    for folder in candidates:
+        wanted = folder / marker.format(split=split)
+        labels_parent = (folder / layout.label_dir.format(split=split)).parent
+        if not wanted.exists() and wanted.parent.is_dir() and labels_parent.is_dir():
+            raise UsageError(f"{folder} has no {marker.format(split=split)}: there is no {split!r} split; "
+                             "check --split")
+    where = f" (or in its {', '.join(layout.nested)})" if layout.nested else ""
+    raise UsageError(f"--root {root} is not a {layout.title} layout: expected {layout.describe(split)} in it{where}")
+
+
+def _holds_layout(layout: Layout, folder: Path, split: str) -> bool:
+    if not (folder / layout.image_dir.format(split=split)).is_dir():
+        return False
+    if not (folder / layout.label_dir.format(split=split)).is_dir():
+        return False
+    return layout.split_file is None or (folder / layout.split_file.format(split=split)).is_file()
+
+
+def load_dataset(name: str, root: Path | str, split: str = "val", class_names: Sequence[str] | None = None,
+                 limit: int | None = None) -> EvalDataset:
+    """The `split` of dataset `name` under `root`, checked to be complete before any work starts.
+
+    `class_names` replaces the shipped names given to the model (synonyms, or a dataset of your
+    own in one of these layouts); the label values must then index into it. `limit` keeps the
+    first `limit` samples (in id order) for a quick look.
+    """
+    if name not in LAYOUTS:
+        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(LAYOUTS)}")
+    layout = LAYOUTS[name]
+    folder = find_root(layout, Path(root), split)
+    images = folder / layout.image_dir.format(split=split)
+    labels = folder / layout.label_dir.format(split=split)
+    if layout.split_file:
+        list_file = folder / layout.split_file.format(split=split)
+        ids = [line.strip() for line in list_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        samples = [Sample(i, images / f"{i}{layout.image_suffix}", labels / f"{i}{layout.label_suffix}")
+                   for i in ids]
+    else:
+        samples = [Sample(p.name[: -len(layout.image_suffix)], p,
+                          labels / (p.name[: -len(layout.image_suffix)] + layout.label_suffix))
+                   for p in sorted(images.glob(f"*{layout.image_suffix}"))]
+    missing = [s for s in samples if not s.image.is_file() or not s.label.is_file()]
+    if missing:
+        first = missing[0].image if not missing[0].image.is_file() else missing[0].label
+        raise UsageError(f"{len(missing)} of {len(samples)} {layout.title} {split} samples lack a file "
+                         f"(e.g. {first}); the dataset is incomplete")
+    if not samples:
+        raise UsageError(f"{folder} holds no {layout.title} {split} samples")
+    samples.sort(key=lambda s: s.id)
+    if limit is not None:
+        samples = samples[:limit]
+    names = tuple(class_names) if class_names is not None else load_vocabulary(layout.vocabulary).classes
+    if not names:
+        raise UsageError("the class list is empty")
+    return EvalDataset(layout, folder, split, tuple(samples), tuple(names))
