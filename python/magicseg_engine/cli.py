@@ -654,6 +654,37 @@ def _print_evaluation(result: dict) -> None:
     stdout.print(summary)
 
 
+@app.command()
+@reports_usage_errors
+def report(
+    data: Annotated[Path, typer.Option("--data", help="A run directory written by generate; a run in progress is read up to its finished shards.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="HTML file to write (default: DATA/report.html).")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Pairs to show, chosen evenly across classes.")] = 64,
+) -> None:
+    """Write one self-contained HTML page with the run's pairs, masks and statistics."""
+    from magicseg_engine.report import build_report
+
+    with progress_bar() as bar:
+        task = bar.add_task("report: reading shards", total=None, unit="shards")
+        summary = build_report(data, out, samples,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    digest = summary.digest
+    for shard in digest.skipped_shards:
+        stderr.print(f"warning: skipped shard {shard.name} ({shard.samples} samples): {shard.reason}",
+                     highlight=False, soft_wrap=True)
+    for problem in digest.skipped_manifest_lines:
+        stderr.print(f"warning: skipped {problem}", highlight=False, soft_wrap=True)
+    for pair in summary.unreadable:
+        stderr.print(f"warning: pair not shown: {pair.reason}", highlight=False, soft_wrap=True)
+    skipped = (f"; skipped unreadable shards: {len(digest.skipped_shards)} ({digest.skipped_samples} samples)"
+               if digest.skipped_shards else "")
+    waiting = (f"; shards still being written, not included: {digest.shards_in_progress}"
+               if digest.shards_in_progress else "")
+    stderr.print(f"pairs shown: {summary.shown} of {digest.samples} samples; shards read: {digest.shards_read}; "
+                 f"classes: {len(digest.classes)}{skipped}{waiting}. Report: {summary.out}",
+                 highlight=False, soft_wrap=True)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Measure this engine against a baseline in the same run.")
 app.add_typer(bench_app, name="bench")
 
