@@ -1,4 +1,4 @@
-"""Write benchmarks/results/README.md from the JSON results beside it.
+"""Write benchmarks/results/README.md, and a PNG chart per `bench all` result, from the JSON beside it.
 
     python benchmarks/summarize.py
 
@@ -40,17 +40,54 @@ def headline(name: str, data: dict) -> list[tuple[str, str, str]]:
             rows.append(("loader images/s, DALI vs torch", f"{lo['dali_speedup']:.2f}x",
                          f"{lo['dali']['images_per_s']:.0f} vs {lo['torch']['images_per_s']:.0f} images/s "
                          f"at {data['image_size']} px"))
-        if "fused_speedup" in st:
+        if st.get("fused_speedup") is not None:
             rows.append(("training step, fused vs eager losses", f"{st['fused_speedup']:.2f}x", ""))
         else:
             rows.append(("training step (eager losses)", f"{1e3 * st['eager']['median_s']:.0f} ms",
                          f"{st['eager']['images_per_s']:.0f} images/s; fused losses need a GPU"))
         return rows
+    if data.get("benchmark") == "all":
+        return [(f"{r['bench']}: {r['compared']}", "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+                 ("-" if r["ours"] is None else f"{r['ours']:.3g}") + f" vs {r['baseline']:.3g} {r['unit']}"
+                 + (f"; {r['note']}" if r["note"] else ""))
+                for r in data["summary"]]
     rows = []
     for key, value in data.get("ratios", {}).items():
         if "speedup" in key and "all_threads" in key:
             rows.append((key.replace("_", " "), f"{value:.2f}x", ""))
     return rows
+
+
+def chart_all(data: dict, out: Path) -> Path:
+    """Two panels: each benchmark's ratio over its baseline, and UNet throughput against batch rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display is needed or wanted
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    measured = [r for r in data["summary"] if r["ratio"] is not None]
+    left.barh([r["bench"] for r in measured], [r["ratio"] for r in measured], color="#4c72b0")
+    left.axvline(1.0, color="black", linewidth=0.8)
+    left.set_xlabel("ratio over the baseline measured in the same run")
+    left.invert_yaxis()
+    for i, r in enumerate(measured):
+        left.text(r["ratio"], i, f" {r['ratio']:.2f}x", va="center")
+    unet = data["results"].get("unet")
+    if unet:
+        rows = [r["rows"] for r in unet["rows"]]
+        right.plot(rows, [r["rows_per_s"] for r in unet["rows"]], marker="o")
+        right.set_xscale("log", base=2)
+        right.set_xlabel("UNet latent rows per call (2 = reference, 4 per pair)")
+        right.set_ylabel("rows/s")
+        right.set_title("UNet throughput against batch")
+    machine = data.get("machine", {})
+    where = machine.get("gpu") or f"CPU, {machine.get('cpu_count')} cores"
+    fig.suptitle(f"bench all, preset {data.get('preset')}: {where}, {machine.get('date', '')}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
 
 
 def main() -> None:
@@ -66,6 +103,9 @@ def main() -> None:
         lines += [f"## {path.stem}", "", f"Device: {where}", "", "| measurement | ratio | detail |", "|---|---|---|"]
         lines += [f"| {w} | {r} | {d} |" for w, r, d in headline(path.stem, data)]
         lines.append("")
+        if data.get("benchmark") == "all":
+            chart = chart_all(data, path.with_suffix(".png"))
+            lines += [f"![{path.stem}]({chart.name})", ""]
     if not any("gpu" in json.loads(p.read_text()).get("machine", {}) for p in RESULTS.glob("*.json")):
         lines += ["## GPU", "", "No GPU result yet: no GPU machine has run these benchmarks. The `sd15-random`",
                   "numbers (pairs/s at 512×512, 20 steps, guidance 7.5, and the fraction of the FLOP",

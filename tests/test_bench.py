@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +83,60 @@ def test_bench_pretrain_times_loaders_and_steps(tmp_path):
         assert data["loaders"]["dali"]["images"] == 16
         assert data["loaders"]["dali_speedup"] == pytest.approx(
             data["loaders"]["dali"]["images_per_s"] / data["loaders"]["torch"]["images_per_s"])
+
+
+def test_unet_flops_are_linear_in_rows_and_the_baseline_is_two_rows(sampler):
+    from magicseg_engine.bench.generate import pair_flops
+    from magicseg_engine.bench.unet import bench_unet, unet_flops_per_row
+
+    assert 4 * unet_flops_per_row(sampler) == pair_flops(sampler)["unet_call_4_rows"]
+    r = bench_unet(sampler, (1, 2), warmup=0, reps=1)
+    assert [row["rows"] for row in r["rows"]] == [2, 4, 8]
+    assert r["baseline"]["rows"] == 2 and r["best"] in r["rows"][1:]
+    for row in r["rows"]:
+        assert row["tflops_per_s"] == pytest.approx(row["rows"] * r["flops_per_row"] / row["median_s"] / 1e12)
+    assert r["speedup"] == pytest.approx(r["best"]["rows_per_s"] / r["baseline"]["rows_per_s"])
+
+
+def test_losses_benchmark_times_the_references_and_says_why_not_the_kernels():
+    import torch
+
+    from magicseg_engine.bench.losses import bench_losses
+
+    r = bench_losses("tiny", torch.device("cpu"), warmup=0, reps=1)
+    assert r["shapes"]["pixels"] == (64 // 4) ** 2 and r["shapes"]["candidates"] == 100
+    for name in ("segmentation", "counterfactual"):
+        assert r[name]["eager"]["median_s"] > 0
+        assert "GPU" in r[name]["fused"]["skipped"] and r[name]["speedup"] is None
+
+
+def test_bench_all_runs_every_benchmark_and_summarises_ratios(tmp_path):
+    import importlib.util
+
+    out = tmp_path / "all.json"
+    result = CliRunner().invoke(app, ["bench", "all", "--preset", "tiny", "--device", "cpu", "--reps", "1",
+                                      "--warmup", "0", "--pairs", "2", "--batch-size", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    names = ["generate", "unet", "masks", "sam", "losses", "loader", "train"]
+    assert list(data["results"]) == names and [r["bench"] for r in data["summary"]] == names
+    summary = {r["bench"]: r for r in data["summary"]}
+    gen = data["results"]["generate"]
+    assert summary["generate"]["ratio"] == pytest.approx(gen["engine"]["pairs_per_s"] / gen["reference"]["pairs_per_s"])
+    assert summary["sam"]["ratio"] == pytest.approx(data["results"]["sam"]["speedup"])
+    for name in ("generate", "unet", "masks", "sam", "loader"):
+        assert summary[name]["ratio"] > 0, summary[name]
+    for name in ("losses", "train"):  # no GPU: measured without the fused kernels, and said so
+        assert summary[name]["ratio"] is None and "GPU" in summary[name]["note"]
+    assert "bench all" in result.output and "ratio" in result.output
+
+    # The results page and chart are made from such files.
+    spec = importlib.util.spec_from_file_location(
+        "summarize", Path(__file__).parent.parent / "benchmarks" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    summarize.RESULTS = tmp_path
+    summarize.main()
+    page = (tmp_path / "README.md").read_text()
+    assert "| generate: paired sampler vs batch-1 loop |" in page and "![all](all.png)" in page
+    assert (tmp_path / "all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -703,7 +703,6 @@ def bench_generate_command(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
 ) -> None:
     """Pairs/s of the paired sampler against a batch-1 reference-style loop, same models."""
-    from magicseg_engine.atomic import atomic_write_text
     from magicseg_engine.bench.generate import bench_generate
     from magicseg_engine.config import load_preset
     from magicseg_engine.pipeline import build_sampler
@@ -720,11 +719,7 @@ def bench_generate_command(
     result = bench_generate(sampler, [r.prompt for r in records], [r.negative_prompt for r in records],
                             [r.seed for r in records], batch_size, warmup=warmup, reps=reps)
     result["settings"]["preset"] = preset
-    text = json.dumps(result, indent=2) + "\n"
-    if json_out:
-        atomic_write_text(json_out, text)
-    else:
-        sys.stdout.write(text)
+    _write_bench_json(result, json_out)
     frac = result["fraction_of_ceiling"]
     stderr.print(
         f"engine {result['engine']['pairs_per_s']:.3f} pairs/s, reference {result['reference']['pairs_per_s']:.3f} pairs/s: "
@@ -745,7 +740,6 @@ def bench_masks_command(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
 ) -> None:
     """Attention-capture overhead on the UNet, and batched SAM against one prompt at a time."""
-    from magicseg_engine.atomic import atomic_write_text
     from magicseg_engine.bench.masks import bench_masks
     from magicseg_engine.config import load_preset
     from magicseg_engine.masks.sam import SamRefiner, build_sam
@@ -764,11 +758,7 @@ def bench_masks_command(
     result = bench_masks(sampler, refiner, [r.prompt for r in records], [r.negative_prompt for r in records],
                          [r.seed for r in records], [tuple(r.classes) for r in records], warmup=warmup, reps=reps)
     result["settings"] = {"preset": preset, "pairs": pairs, "warmup": warmup}
-    text = json.dumps(result, indent=2) + "\n"
-    if json_out:
-        atomic_write_text(json_out, text)
-    else:
-        sys.stdout.write(text)
+    _write_bench_json(result, json_out)
     stderr.print(f"capture overhead {100 * result['capture']['overhead']:.1f}% ({result['capture']['kernel']}); "
                  f"SAM batched {result['sam']['speedup']:.2f}x faster than one at a time", highlight=False)
 
@@ -789,7 +779,6 @@ def bench_backends_command(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
 ) -> None:
     """Text encoder, UNet and VAE decoder on each backend against eager torch, at several batch sizes."""
-    from magicseg_engine.atomic import atomic_write_text
     from magicseg_engine.engine.backends import require_onnx
 
     require_onnx()
@@ -810,11 +799,7 @@ def bench_backends_command(
         raise UsageError(f"--components {components}: bench backends times text-encoder, unet and vae-decoder")
     result = bench_backends(models, engines, components=names, batch_sizes=sizes, warmup=warmup, reps=reps,
                             backends=[b.strip() for b in backends.split(",")] if backends else None)
-    text = json.dumps(result, indent=2) + "\n"
-    if json_out:
-        atomic_write_text(json_out, text)
-    else:
-        sys.stdout.write(text)
+    _write_bench_json(result, json_out)
     for row in result["results"]:
         others = ", ".join(f"{b} {1e3 * row[b]['median_s']:.1f} ms ({row[b + '_speedup']:.2f}x)"
                            for b in result["backends"] if b != "torch")
@@ -836,17 +821,12 @@ def bench_pretrain_command(
     """Loader images/s (torch vs DALI) and step time and peak memory (fused vs eager losses)."""
     import torch
 
-    from magicseg_engine.atomic import atomic_write_text
     from magicseg_engine.bench.pretrain import bench_pretrain
 
     if samples <= 0 or reps <= 0 or warmup < 0 or workers < 0:
         raise UsageError("--samples and --reps must be positive, --warmup and --workers not negative")
     result = bench_pretrain(preset, torch.device(_resolve_device(device)), samples, workers, warmup, reps)
-    text = json.dumps(result, indent=2) + "\n"
-    if json_out:
-        atomic_write_text(json_out, text)
-    else:
-        sys.stdout.write(text)
+    _write_bench_json(result, json_out)
     loaders, step = result["loaders"], result["step"]
     dali = loaders["dali"].get("images_per_s")
     stderr.print(f"loader: torch {loaders['torch']['images_per_s']:.0f} images/s, "
@@ -854,6 +834,92 @@ def bench_pretrain_command(
                  + f"; step: eager {1e3 * step['eager']['median_s']:.1f} ms"
                  + (f", fused {1e3 * step['fused']['median_s']:.1f} ms" if "median_s" in step["fused"] else ""),
                  highlight=False)
+
+
+# Options every suite benchmark takes.
+BenchPreset = Annotated[str, typer.Option("--preset", help="tiny (CPU) or sd15-random (GPU).")]
+BenchReps = Annotated[int, typer.Option("--reps", help="Timed repetitions (median reported).")]
+BenchWarmup = Annotated[int, typer.Option("--warmup", help="Untimed repetitions first.")]
+BenchDevice = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+BenchJson = Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")]
+BenchPairs = Annotated[int, typer.Option("--pairs", help="Pairs per timed repetition (generate; masks and sam use up to 4).")]
+BenchBatch = Annotated[int, typer.Option("--batch-size", help="Engine pairs per UNet call.")]
+
+
+def _bench_context(preset: str, device: str, warmup: int, reps: int, pairs: int = 8, batch_size: int = 8):
+    import torch
+
+    from magicseg_engine.bench.suite import BenchContext
+
+    if min(reps, pairs, batch_size) <= 0 or warmup < 0:
+        raise UsageError("--reps, --pairs and --batch-size must be positive, --warmup not negative")
+    return BenchContext(preset, torch.device(_resolve_device(device)), warmup, reps, pairs, batch_size)
+
+
+def _write_bench_json(result: dict, json_out: Path | None) -> None:
+    """The result as JSON: to `json_out` (whole or not at all), or to stdout."""
+    from magicseg_engine.atomic import atomic_write_text
+
+    text = json.dumps(result, indent=2) + "\n"
+    if json_out:
+        atomic_write_text(json_out, text)
+    else:
+        sys.stdout.write(text)
+
+
+def _headline_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for column, justify in (("bench", "left"), ("compared", "left"), ("ours", "right"), ("baseline", "right"),
+                            ("ratio", "right"), ("note", "left")):
+        table.add_column(column, justify=justify)
+    for r in rows:
+        def num(v):
+            return "-" if v is None else f"{v:.3g} {r['unit']}"
+        table.add_row(r["bench"], r["compared"], num(r["ours"]), num(r["baseline"]),
+                      "-" if r["ratio"] is None else f"[bold]{r['ratio']:.2f}x[/]", r["note"] or "")
+    return table
+
+
+def _suite_command(name: str, doc: str):
+    def command(
+        preset: BenchPreset = "tiny", reps: BenchReps = 3, warmup: BenchWarmup = 1, device: BenchDevice = "auto",
+        pairs: BenchPairs = 8, batch_size: BenchBatch = 8, json_out: BenchJson = None,
+    ) -> None:
+        from magicseg_engine.bench.suite import run_bench
+
+        ctx = _bench_context(preset, device, warmup, reps, pairs, batch_size)
+        stderr.print(f"bench {name} ({preset}) on {ctx.device}", highlight=False)
+        result = run_bench(name, ctx)
+        _write_bench_json(result, json_out)
+        stderr.print(_headline_table([result["headline"]], f"bench {name}"))
+
+    command.__doc__ = doc
+    command.__name__ = f"bench_{name}_command"
+    bench_app.command(name)(reports_usage_errors(command))
+
+
+_suite_command("unet", "UNet rows/s, TFLOP/s and peak memory against batch size; the reference's 2 rows as baseline.")
+_suite_command("sam", "Batched SAM refinement against SamPredictor one image and one prompt at a time.")
+_suite_command("losses", "Fused Triton focal/dice and counterfactual losses against torch, forward + backward.")
+_suite_command("loader", "Images/s of the DALI loader against the torch loader over the same shards.")
+_suite_command("train", "Time and peak memory of one training step, fused against eager losses.")
+
+
+@bench_app.command("all")
+@reports_usage_errors
+def bench_all_command(
+    preset: BenchPreset = "tiny", reps: BenchReps = 3, warmup: BenchWarmup = 1, device: BenchDevice = "auto",
+    pairs: BenchPairs = 8, batch_size: BenchBatch = 8, json_out: BenchJson = None,
+) -> None:
+    """Every benchmark in one run: generate, unet, masks, sam, losses, loader, train, with a summary."""
+    from magicseg_engine.bench.suite import BENCHES, run_all
+
+    ctx = _bench_context(preset, device, warmup, reps, pairs, batch_size)
+    with progress_bar() as bar:
+        task = bar.add_task(f"bench all ({preset})", total=len(BENCHES), unit="benches")
+        result = run_all(ctx, on_result=lambda name, _: bar.advance(task))
+    _write_bench_json(result, json_out)
+    stderr.print(_headline_table(result["summary"], f"bench all: {preset} on {ctx.device}"))
 
 
 def _resolve_device(device: str) -> str:

@@ -47,9 +47,8 @@ def bench_sam(refiner: SamRefiner, images, maps: torch.Tensor, valid: torch.Tens
     }
 
 
-def bench_masks(sampler: PairedSampler, refiner: SamRefiner, prompts, negatives, seeds, classes,
-                warmup: int = 1, reps: int = 3) -> dict:
-    device = sampler.device
+def captured_batch(sampler: PairedSampler, prompts, negatives, seeds, classes):
+    """(positive images, attention maps [B, C, h, w], valid classes [B, C]) of one rendered batch."""
     capture = AttentionCapture(sampler.models.unet, sampler.models.tokenizer)
     capture.set_prompts(prompts, classes)
     with capture.installed():
@@ -58,9 +57,23 @@ def bench_masks(sampler: PairedSampler, refiner: SamRefiner, prompts, negatives,
     valid = torch.zeros(maps.shape[:2], dtype=torch.bool, device=maps.device)
     for i, names in enumerate(classes):
         valid[i, : len(names)] = True
+    return batch.positives, maps, valid
+
+
+def bench_sam_refinement(sampler: PairedSampler, refiner: SamRefiner, prompts, negatives, seeds, classes,
+                         warmup: int = 1, reps: int = 3) -> dict:
+    """`bench_sam` on a batch the sampler renders with attention capture."""
+    images, maps, valid = captured_batch(sampler, prompts, negatives, seeds, classes)
+    return {"benchmark": "sam", **environment(sampler.device), **bench_sam(refiner, images, maps, valid, warmup, reps)}
+
+
+def bench_masks(sampler: PairedSampler, refiner: SamRefiner, prompts, negatives, seeds, classes,
+                warmup: int = 1, reps: int = 3) -> dict:
+    device = sampler.device
+    images, maps, valid = captured_batch(sampler, prompts, negatives, seeds, classes)
     result = {"benchmark": "masks", **environment(device),
               "capture": bench_capture(sampler, prompts, negatives, seeds, classes, warmup, reps),
-              "sam": bench_sam(refiner, batch.positives, maps, valid, warmup, reps)}
+              "sam": bench_sam(refiner, images, maps, valid, warmup, reps)}
     if device.type == "cuda":
         result["capture_torch_reference"] = bench_capture(sampler, prompts, negatives, seeds, classes, warmup, reps,
                                                           use_triton=False)

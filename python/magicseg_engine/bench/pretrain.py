@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,22 +86,47 @@ def bench_step(preset: str, run: Path, device: torch.device, fused: bool, warmup
             "batch_size": config.batch_size, "precision": config.precision}
 
 
-def bench_pretrain(preset: str, device: torch.device, samples: int = 128, workers: int = 2,
-                   warmup: int = 2, reps: int = 5) -> dict:
+@contextmanager
+def synthetic_run(preset: str, samples: int) -> Iterator[tuple[Path, int]]:
+    """A temporary coloured-shapes run at the preset's crop size: (run folder, crop size)."""
     from magicseg_engine.train.loop import load_pretrain_preset
     from magicseg_engine.train.synthetic import write_synthetic_run
 
-    config = load_pretrain_preset(preset)
-    size = config.model.image_size
+    size = load_pretrain_preset(preset).model.image_size
     with tempfile.TemporaryDirectory(prefix="magicseg-bench-pretrain-") as tmp:
         run = Path(tmp) / "run"
         write_synthetic_run(run, samples, size=size, seed=0)
-        loaders = bench_loaders(run, config.batch_size, size, workers, device)
+        yield run, size
+
+
+def bench_loader(preset: str, device: torch.device, samples: int = 128, workers: int = 2) -> dict:
+    """Images/s of the torch loader and of DALI over the same shards."""
+    from magicseg_engine.train.loop import load_pretrain_preset
+
+    with synthetic_run(preset, samples) as (run, size):
+        loaders = bench_loaders(run, load_pretrain_preset(preset).batch_size, size, workers, device)
+    return {"benchmark": "loader", **environment(device), "preset": preset, "image_size": size,
+            "samples": samples, "loaders": loaders}
+
+
+def bench_train(preset: str, device: torch.device, samples: int = 32, warmup: int = 2, reps: int = 5) -> dict:
+    """One optimiser step with the eager losses and, on a GPU, with the fused ones."""
+    with synthetic_run(preset, samples) as (run, size):
         steps = {"eager": bench_step(preset, run, device, False, warmup, reps)}
         if device.type == "cuda":
             steps["fused"] = bench_step(preset, run, device, True, warmup, reps)
             steps["fused_speedup"] = steps["eager"]["median_s"] / steps["fused"]["median_s"]
         else:
             steps["fused"] = {"skipped": "the fused Triton losses are measured on a GPU; here they would run interpreted"}
-    return {"benchmark": "pretrain", **environment(device), "preset": preset, "image_size": size,
-            "loaders": loaders, "step": steps}
+            steps["fused_speedup"] = None
+    return {"benchmark": "train", **environment(device), "preset": preset, "image_size": size,
+            "warmup": warmup, "reps": reps, "step": steps}
+
+
+def bench_pretrain(preset: str, device: torch.device, samples: int = 128, workers: int = 2,
+                   warmup: int = 2, reps: int = 5) -> dict:
+    """`bench_loader` and `bench_train` in one result."""
+    loader = bench_loader(preset, device, samples, workers)
+    train = bench_train(preset, device, samples, warmup, reps)
+    return {"benchmark": "pretrain", **environment(device), "preset": preset, "image_size": loader["image_size"],
+            "loaders": loader["loaders"], "step": train["step"]}
