@@ -257,6 +257,12 @@ def generate(
     detector_model: Annotated[Optional[str], typer.Option("--detector-model", help="Grounding DINO folder or hub id (tiny: random, for tests).")] = None,
     box_threshold: Annotated[Optional[float], typer.Option("--box-threshold", help="Detector box threshold.")] = None,
     text_threshold: Annotated[Optional[float], typer.Option("--text-threshold", help="Detector text threshold.")] = None,
+    use_ray: Annotated[bool, typer.Option("--ray", help="Render on a Ray cluster: a pool of workers, each with its models on one GPU, writing its own shards (pip install 'magicseg-engine[ray]').")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="HOST:PORT of a running Ray head (`ray start --head`); default: start a local Ray instance.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Ray workers; default: one per GPU, or one per CPU on a cluster without GPUs.")] = None,
+    num_gpus_per_worker: Annotated[Optional[float], typer.Option("--num-gpus-per-worker", help="GPUs per Ray worker; 0 for CPU workers (default: 1 when the cluster has GPUs, else 0).")] = None,
+    cpus_per_worker: Annotated[Optional[int], typer.Option("--cpus-per-worker", help="CPUs per Ray worker (default 1); CPU workers run this many threads.")] = None,
+    ray_timeout: Annotated[Optional[float], typer.Option("--ray-timeout", help="Seconds to wait for the Ray head to answer (default 30).")] = None,
 ) -> None:
     """Render positive/negative image pairs with shared noise, and their masks, into resumable WebDataset shards."""
     from magicseg_engine.config import load_preset
@@ -278,6 +284,12 @@ def generate(
         raise UsageError("--batch-size and --samples-per-shard must be positive")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other; pick one")
+    ray_flags = {"--ray-address": ray_address, "--workers": workers, "--num-gpus-per-worker": num_gpus_per_worker,
+                 "--cpus-per-worker": cpus_per_worker, "--ray-timeout": ray_timeout}
+    if use_ray:
+        _check_ray_flags(device)
+    elif any(v is not None for v in ray_flags.values()):
+        raise UsageError(f"{', '.join(k for k, v in ray_flags.items() if v is not None)}: only with --ray")
     device = _resolve_device(device)
     config = load_preset(preset, {
         "seed": seed,
@@ -302,6 +314,11 @@ def generate(
     elif not resume:
         raise UsageError("say what to render: --classes NAME|FILE with --num-pairs N, or --prompts FILE")
     plan = open_run(out, config, records, resume, overwrite)
+    if use_ray:
+        _generate_on_ray(out, config, plan, ray_address, ray_timeout, workers, num_gpus_per_worker,
+                         cpus_per_worker, ExecutionOptions(batch_size=batch_size, samples_per_shard=samples_per_shard,
+                                                           encode_workers=encode_workers), backend, engines)
+        return
     # Models load before the run directory is touched, so a bad --model leaves nothing behind.
     sampler = build_sampler(config, device, backend, engines)
     masks = build_mask_stage(config, sampler, engines)
@@ -326,6 +343,98 @@ def generate(
         f"{summary.generated} pairs generated, {summary.already_done} were already done, "
         f"{summary.pairs_per_second:.2f} pairs/s.{checked} Shards: {out / 'shards'}; "
         f"read them with webdataset or `tar tf`.", highlight=False)
+
+
+def _check_ray_flags(device: str) -> None:
+    """With --ray, before anything is read or written: Ray is there, and the flags fit."""
+    from magicseg_engine.distributed import require_ray
+
+    if device != "auto":
+        raise UsageError("--device is for a single-process run; with --ray each worker uses the GPU Ray gives it "
+                         "(--num-gpus-per-worker 0 for CPU workers)")
+    require_ray()
+
+
+def _generate_on_ray(out: Path, config, plan, address: Optional[str], timeout_s: Optional[float],
+                     workers: Optional[int], gpus_per_worker: Optional[float], cpus_per_worker: Optional[int],
+                     execution, backend: str, engines: Optional[Path]) -> None:
+    """`generate --ray`: the same run directory, rendered by a pool of Ray workers."""
+    from magicseg_engine.distributed import RayOptions, RayRunError, connect, generate_on_ray, shutdown, size_pool
+    from magicseg_engine.distributed.cluster import DEFAULT_CONNECT_TIMEOUT_S, cluster_resources
+    from magicseg_engine.engine.backends import BACKENDS
+    from magicseg_engine.generate.models import model_identity
+    from magicseg_engine.pipeline import check_model_settings, record_summary, start_run
+
+    # Everything the workers would refuse is checked here first, so bad input writes nothing.
+    check_model_settings(config)
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    cpus_per_worker = 1 if cpus_per_worker is None else cpus_per_worker
+    started = connect(address, timeout_s=DEFAULT_CONNECT_TIMEOUT_S if timeout_s is None else timeout_s)
+    try:
+        resources = cluster_resources()
+        workers, gpus_per_worker = size_pool(resources, workers, gpus_per_worker, cpus_per_worker)
+        model_id = model_identity(config.diffusion, "cuda" if gpus_per_worker > 0 else "cpu", seed=config.seed)
+        if plan.fresh:
+            start_run(out, config, plan.records)
+        options = RayOptions(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                             execution=execution, backend=backend, engines=engines)
+        where = f"{resources.nodes} node{'s' if resources.nodes != 1 else ''}"
+        unit = f"{gpus_per_worker:g} GPU" if gpus_per_worker > 0 else f"{cpus_per_worker} CPU"
+        stderr.print(f"Ray: {workers} workers × {unit} on {where}; each loads its models before its first shard.",
+                     highlight=False)
+        with progress_bar(transient=False) as bar:
+            result = generate_on_ray(out, config, plan.records, model_id, options,
+                                     progress=ClusterProgress(bar, f"generate ({config.preset}, Ray)"))
+    except RayRunError as err:
+        stderr.print(f"[bold red]error:[/] {escape(str(err))}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    finally:
+        if started:
+            shutdown()
+    summary = result.summary
+    record_summary(out, summary, {"ray": True, "workers": workers, "gpus_per_worker": gpus_per_worker,
+                                  "render_seconds": round(result.render_seconds, 3),
+                                  "cpus_per_worker": cpus_per_worker, "batch_size": execution.batch_size,
+                                  "backend": backend, "nodes": resources.nodes})
+    if result.workers:
+        table = Table(title="Ray workers")
+        for column in ("worker", "node", "shards", "pairs", "pairs/s"):
+            table.add_column(column, justify="left" if column in ("worker", "node") else "right")
+        for name, w in sorted(result.workers.items()):
+            table.add_row(name, w.node, str(w.shards), str(w.pairs), f"{w.pairs_per_second:.2f}")
+        stderr.print(table)
+    checked = ""
+    if config.masks.source != "none":
+        verb = "dropped" if config.masks.drop_failed_pairs else "flagged"
+        checked = f" {summary.flagged + summary.dropped} failed the counterfactual check ({verb})."
+    stderr.print(
+        f"{summary.generated} pairs generated on {workers} Ray worker{'s' if workers != 1 else ''}, "
+        f"{summary.already_done} were already done, "
+        f"{summary.pairs_per_second:.2f} pairs/s over the whole run, {result.render_pairs_per_second:.2f} pairs/s "
+        f"once the workers were rendering.{checked} Shards: {out / 'shards'}.",
+        highlight=False)
+
+
+class ClusterProgress:
+    """Rich progress for a Ray run: one bar for the run, and a line per worker with its pairs/s."""
+
+    def __init__(self, bar: Progress, description: str):
+        self.bar = bar
+        self.advance = resumable_progress(bar, description, "pairs")
+        self.total = 0
+        self.tasks: dict[str, object] = {}
+
+    def start(self, done: int, total: int) -> None:
+        self.total = total
+        self.advance(done, total)
+
+    def pairs(self, worker: str, n: int) -> None:
+        if worker not in self.tasks:
+            self.tasks[worker] = self.bar.add_task(f"  worker {worker}", total=None, unit="pairs")
+        if n:
+            self.bar.advance(self.tasks[worker], n)
+            self.advance(n, self.total)
 
 
 @app.command()
@@ -898,6 +1007,7 @@ def _suite_command(name: str, doc: str):
     bench_app.command(name)(reports_usage_errors(command))
 
 
+_suite_command("pipeline", "Pairs/s from prompts to shards with masks, against the reference's one-image-at-a-time pipeline.")
 _suite_command("unet", "UNet rows/s, TFLOP/s and peak memory against batch size; the reference's 2 rows as baseline.")
 _suite_command("sam", "Batched SAM refinement against SamPredictor one image and one prompt at a time.")
 _suite_command("losses", "Fused Triton focal/dice and counterfactual losses against torch, forward + backward.")

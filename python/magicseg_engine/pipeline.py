@@ -385,6 +385,68 @@ def build_mask_stage(config: RunConfig, sampler: PairedSampler, engines: Path | 
     return MaskStage(capture, build_annotator(config, sampler.device, sampler.dtype, sampler.runners.backend, engines))
 
 
+def keyed_records(model_id: str, records: Sequence[PromptRecord]) -> list[tuple[str, PromptRecord]]:
+    """Each record with its sample key, in order."""
+    return [(sample_key(model_id, r.prompt, r.negative_prompt, r.seed), r) for r in records]
+
+
+def completed_keys(out: Path, *, verify: bool = True) -> set[str]:
+    """Keys never to render again: pairs in finished shards, and pairs dropped by the counterfactual check."""
+    return set(finished_keys(out, verify=verify)) | dropped_keys(out)
+
+
+@dataclass
+class RenderResult:
+    generated: int
+    final_batch_size: int
+    counts: dict[str, int]  # PairWriter.counts
+
+
+def render_pairs(writer: ShardWriter, config: RunConfig, todo: Sequence[tuple[str, PromptRecord]],
+                 sampler: PairedSampler, options: ExecutionOptions, masks: MaskStage | None = None,
+                 on_batch: Callable[[int], None] | None = None) -> RenderResult:
+    """Render `todo`'s (key, record) pairs in order, `options.batch_size` at a time, into `writer`.
+
+    The one rendering loop: a single-process run calls it once for the whole run, a Ray worker
+    once per shard it is handed, so both make the same batches from the same records. A CUDA
+    out-of-memory error halves the batch and retries it. `on_batch(n)` follows every batch.
+    """
+    device = sampler.device
+    model_id = sampler.models.model_id
+    batch_size = max(1, options.batch_size)
+    generated = 0
+    pair_writer = PairWriter(writer, config.masks.drop_failed_pairs)
+    sink = SampleSink(pair_writer, options.encode_workers, options.jpeg_quality)
+    try:
+        i = 0
+        while i < len(todo):
+            chunk = todo[i:i + batch_size]
+            try:
+                if masks is not None:
+                    pairs, annotations = masks.run(sampler, [r for _, r in chunk])
+                else:
+                    annotations = None
+                    pairs = sampler([r.prompt for _, r in chunk], [r.negative_prompt for _, r in chunk],
+                                    [r.seed for _, r in chunk])
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+                if not _is_out_of_memory(err) or batch_size == 1:
+                    raise
+                batch_size //= 2
+                log.warning("out of memory at batch size %d; going on with %d", batch_size * 2, batch_size)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            items = [(k, sample_metadata(r, k, model_id, config)) for k, r in chunk]
+            sink.submit(items, pairs, annotations)
+            i += len(chunk)
+            generated += len(chunk)
+            if on_batch:
+                on_batch(len(chunk))
+    finally:
+        sink.close()
+    return RenderResult(generated, batch_size, dict(pair_writer.counts))
+
+
 def generate_pairs(out: Path, config: RunConfig, records: Sequence[PromptRecord], sampler: PairedSampler,
                    options: ExecutionOptions,
                    progress: Callable[[int, int], None] | None = None,
@@ -394,49 +456,17 @@ def generate_pairs(out: Path, config: RunConfig, records: Sequence[PromptRecord]
     `progress(done, total)` is called once with the work already on disk and after every batch.
     """
     start = time.perf_counter()
-    device = sampler.device
-    model_id = sampler.models.model_id
-    keyed = [(sample_key(model_id, r.prompt, r.negative_prompt, r.seed), r) for r in records]
-    done = finished_keys(out) | dropped_keys(out)
+    keyed = keyed_records(sampler.models.model_id, records)
+    done = completed_keys(out)
     todo = [(k, r) for k, r in keyed if k not in done]
     already = len(keyed) - len(todo)
     if progress:
         progress(already, len(keyed))
-
-    batch_size = max(1, options.batch_size)
-    generated = 0
     with ShardWriter(out, options.samples_per_shard, options.writer_id) as writer:
-        pair_writer = PairWriter(writer, config.masks.drop_failed_pairs)
-        sink = SampleSink(pair_writer, options.encode_workers, options.jpeg_quality)
-        try:
-            i = 0
-            while i < len(todo):
-                chunk = todo[i:i + batch_size]
-                try:
-                    if masks is not None:
-                        pairs, annotations = masks.run(sampler, [r for _, r in chunk])
-                    else:
-                        annotations = None
-                        pairs = sampler([r.prompt for _, r in chunk], [r.negative_prompt for _, r in chunk],
-                                        [r.seed for _, r in chunk])
-                except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
-                    if not _is_out_of_memory(err) or batch_size == 1:
-                        raise
-                    batch_size //= 2
-                    log.warning("out of memory at batch size %d; going on with %d", batch_size * 2, batch_size)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                items = [(k, sample_metadata(r, k, model_id, config)) for k, r in chunk]
-                sink.submit(items, pairs, annotations)
-                i += len(chunk)
-                generated += len(chunk)
-                if progress:
-                    progress(len(chunk), len(keyed))
-        finally:
-            sink.close()
-    return GenerationSummary(len(keyed), already, generated, time.perf_counter() - start, batch_size,
-                             **pair_writer.counts)
+        rendered = render_pairs(writer, config, todo, sampler, options, masks,
+                                on_batch=(lambda n: progress(n, len(keyed))) if progress else None)
+    return GenerationSummary(len(keyed), already, rendered.generated, time.perf_counter() - start,
+                             rendered.final_batch_size, **rendered.counts)
 
 
 # --- annotating an existing run again ------------------------------------------------------------

@@ -240,6 +240,26 @@ def load_diffusion(
     return models
 
 
+def model_identity(config: DiffusionConfig, device: str | torch.device = "cpu", seed: int = 0) -> str:
+    """The `model_id` that `load_diffusion(config, device, seed=seed)` gives, without building or
+    loading weights: a coordinator that renders nothing itself still needs every sample key."""
+    device = torch.device(device)
+    if config.weights == "pretrained":
+        root = _resolve_folder(config.model or "")
+        _check_layout(root)
+        return _pretrained_id(root, _scheduler_config(root), _pad_id(root))
+    if config.architecture == "tiny":
+        return _random_id("tiny", TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER, seed, torch.device("cpu"))
+    return _random_id("sd15", SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER, seed, device)
+
+
+def _random_id(name: str, unet_config: dict, vae_config: dict, text_config: dict, seed: int,
+               init_device: torch.device) -> str:
+    # Random weights differ between RNG devices (CPU vs CUDA generators) for the same seed.
+    digest = _config_digest(unet_config, vae_config, text_config, SD15_SCHEDULER)
+    return f"{name}-random:seed={seed}:init={init_device.type}:{digest}"
+
+
 def _config_digest(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
@@ -279,9 +299,7 @@ def _build_random(
         # Stable Diffusion 1.x pads prompts with the end-of-text token.
         pad_id=clip_token_id("<|endoftext|>"),
     )
-    # Random weights differ between RNG devices (CPU vs CUDA generators) for the same seed.
-    digest = _config_digest(unet_config, vae_config, text_config, SD15_SCHEDULER)
-    model_id = f"{name}-random:seed={seed}:init={init_device.type}:{digest}"
+    model_id = _random_id(name, unet_config, vae_config, text_config, seed, init_device)
     return DiffusionModels(unet, vae, text_encoder, tokenizer, dict(SD15_SCHEDULER), model_id)
 
 
@@ -466,12 +484,9 @@ def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype) -> Dif
 
     root = _resolve_folder(name)
     variants = _check_layout(root)
-    scheduler_path = root / "scheduler" / "scheduler_config.json"
-    if scheduler_path.is_file():
-        scheduler_config = {k: v for k, v in _read_json(scheduler_path).items() if not k.startswith("_")}
-    else:
+    scheduler_config = _scheduler_config(root)
+    if not (root / "scheduler" / "scheduler_config.json").is_file():
         log.warning("%s has no scheduler/scheduler_config.json; using Stable Diffusion 1.5's noise schedule", root)
-        scheduler_config = dict(SD15_SCHEDULER)
     pad_id = _pad_id(root)
 
     unet = _load_component(UNet2DConditionModel, root, "unet", dtype, variants["unet"])
@@ -494,5 +509,16 @@ def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype) -> Dif
         )
 
     unet, vae, text_encoder = (m.to(device) for m in (unet, vae, text_encoder))
-    model_id = f"{root}@{_folder_digest(root, scheduler_config, pad_id)}"
-    return DiffusionModels(unet, vae, text_encoder, tokenizer, scheduler_config, model_id)
+    return DiffusionModels(unet, vae, text_encoder, tokenizer, scheduler_config,
+                           _pretrained_id(root, scheduler_config, pad_id))
+
+
+def _scheduler_config(root: Path) -> dict:
+    path = root / "scheduler" / "scheduler_config.json"
+    if path.is_file():
+        return {k: v for k, v in _read_json(path).items() if not k.startswith("_")}
+    return dict(SD15_SCHEDULER)
+
+
+def _pretrained_id(root: Path, scheduler_config: dict, pad_id: int) -> str:
+    return f"{root}@{_folder_digest(root, scheduler_config, pad_id)}"
