@@ -108,8 +108,10 @@ def main() -> None:
             lines += [f"![{path.stem}]({chart.name})", ""]
     if not any("gpu" in json.loads(p.read_text()).get("machine", {}) for p in RESULTS.glob("*.json")):
         lines += ["## GPU", "", "No GPU result yet: no GPU machine has run these benchmarks. The `sd15-random`",
-                  "numbers (pairs/s at 512×512, 20 steps, guidance 7.5, and the fraction of the FLOP",
-                  "ceiling) come from `magicseg-engine bench generate --preset sd15-random` on a GPU.", ""]
+                  "numbers (pairs/s end to end at 512×512, 20 steps, guidance 7.5, UNet TFLOP/s and the",
+                  "fraction of the dense FLOP ceiling) come from",
+                  "`magicseg-engine bench all --preset sd15-random --json all-sd15-random-<gpu>-<date>.json`",
+                  "on a GPU.", ""]
     (RESULTS / "README.md").write_text("\n".join(lines))
 
 

@@ -118,13 +118,13 @@ def test_bench_all_runs_every_benchmark_and_summarises_ratios(tmp_path):
                                       "--warmup", "0", "--pairs", "2", "--batch-size", "2", "--json", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    names = ["generate", "unet", "masks", "sam", "losses", "loader", "train"]
+    names = ["generate", "unet", "pipeline", "masks", "sam", "losses", "loader", "train"]
     assert list(data["results"]) == names and [r["bench"] for r in data["summary"]] == names
     summary = {r["bench"]: r for r in data["summary"]}
     gen = data["results"]["generate"]
     assert summary["generate"]["ratio"] == pytest.approx(gen["engine"]["pairs_per_s"] / gen["reference"]["pairs_per_s"])
     assert summary["sam"]["ratio"] == pytest.approx(data["results"]["sam"]["speedup"])
-    for name in ("generate", "unet", "masks", "sam", "loader"):
+    for name in ("generate", "unet", "pipeline", "masks", "sam", "loader"):
         assert summary[name]["ratio"] > 0, summary[name]
     for name in ("losses", "train"):  # no GPU: measured without the fused kernels, and said so
         assert summary[name]["ratio"] is None and "GPU" in summary[name]["note"]
@@ -140,3 +140,43 @@ def test_bench_all_runs_every_benchmark_and_summarises_ratios(tmp_path):
     page = (tmp_path / "README.md").read_text()
     assert "| generate: paired sampler vs batch-1 loop |" in page and "![all](all.png)" in page
     assert (tmp_path / "all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_pipeline_writes_each_pair_with_one_merged_mask(sampler, tmp_path):
+    import tarfile
+
+    from PIL import Image
+
+    from magicseg_engine.bench.pipeline import reference_pipeline
+    from magicseg_engine.masks.detector import build_detector
+    from magicseg_engine.masks.sam import SamRefiner, build_sam
+    from magicseg_engine.prompts import build_prompts
+    from magicseg_engine.vocab import load_vocabulary
+
+    config = load_preset("tiny")
+    records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=2).records
+    refiner = SamRefiner(build_sam(config.sam.model_type, None, device="cpu", seed=0))
+    reference_pipeline(sampler, build_detector("tiny"), refiner, records, tmp_path / "ref.tar")
+    with tarfile.open(tmp_path / "ref.tar") as tar:
+        names = tar.getnames()
+        assert names == [f"{i:06d}.{m}" for i in range(2) for m in ("pos.jpg", "neg.jpg", "mask.png")]
+        mask = np.asarray(Image.open(tar.extractfile("000000.mask.png")))
+    assert mask.shape == (sampler.settings.height, sampler.settings.width) and set(np.unique(mask)) <= {0, 1}
+
+
+def test_pipeline_benchmark_sweeps_batch_and_encoders_against_the_reference(sampler):
+    from magicseg_engine.bench.pipeline import bench_pipeline
+    from magicseg_engine.masks.sam import SamRefiner, build_sam
+    from magicseg_engine.prompts import build_prompts
+    from magicseg_engine.vocab import load_vocabulary
+
+    config = load_preset("tiny")
+    records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=3).records
+    refiner = SamRefiner(build_sam(config.sam.model_type, None, device="cpu", seed=0))
+    r = bench_pipeline(config, sampler, refiner, records, batch_sizes=(1, 4), encode_workers=(1, 2), warmup=0, reps=1)
+    assert [(x["batch_size"], x["encode_workers"]) for x in r["engine_by_batch"]] == [(1, 4), (3, 4)]  # 4 > 3 pairs
+    best_batch = max(r["engine_by_batch"], key=lambda x: x["pairs_per_s"])["batch_size"]
+    assert [(x["batch_size"], x["encode_workers"]) for x in r["engine_by_encode_workers"]] == [(best_batch, 1), (best_batch, 2)]
+    for row in r["engine_by_batch"] + r["engine_by_encode_workers"] + [r["reference"]]:
+        assert row["pairs_per_s"] == pytest.approx(3 / row["median_s"])
+    assert r["speedup"] == pytest.approx(r["best"]["pairs_per_s"] / r["reference"]["pairs_per_s"])

@@ -1021,7 +1021,7 @@ def bench_all_command(
     preset: BenchPreset = "tiny", reps: BenchReps = 3, warmup: BenchWarmup = 1, device: BenchDevice = "auto",
     pairs: BenchPairs = 8, batch_size: BenchBatch = 8, json_out: BenchJson = None,
 ) -> None:
-    """Every benchmark in one run: generate, unet, masks, sam, losses, loader, train, with a summary."""
+    """Every benchmark in one run: generate, unet, pipeline, masks, sam, losses, loader, train, with a summary."""
     from magicseg_engine.bench.suite import BENCHES, run_all
 
     ctx = _bench_context(preset, device, warmup, reps, pairs, batch_size)

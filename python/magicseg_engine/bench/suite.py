@@ -49,16 +49,20 @@ class BenchContext:
         return SamRefiner(build_sam(sam.model_type, sam.checkpoint, device=str(self.device),
                                     dtype=self.sampler.dtype, seed=self.config.seed))
 
-    def records(self, n: int):
-        """`n` prompt records over the VOC classes: (prompts, negatives, seeds, classes)."""
+    def prompt_records(self, n: int):
+        """`n` prompt records over the VOC classes, the same ones for every benchmark of the run."""
         if n not in self._cache:
             from magicseg_engine.prompts import build_prompts
             from magicseg_engine.vocab import load_vocabulary
 
-            records = build_prompts(self.config.prompts, vocab=load_vocabulary("voc"), num=n).records
-            self._cache[n] = ([r.prompt for r in records], [r.negative_prompt for r in records],
-                              [r.seed for r in records], [tuple(r.classes) for r in records])
+            self._cache[n] = build_prompts(self.config.prompts, vocab=load_vocabulary("voc"), num=n).records
         return self._cache[n]
+
+    def records(self, n: int):
+        """`prompt_records(n)` as columns: (prompts, negatives, seeds, classes)."""
+        records = self.prompt_records(n)
+        return ([r.prompt for r in records], [r.negative_prompt for r in records],
+                [r.seed for r in records], [tuple(r.classes) for r in records])
 
 
 def _generate(ctx: BenchContext) -> dict:
@@ -75,6 +79,14 @@ def _unet(ctx: BenchContext) -> dict:
 
     batches = sorted({1, 2, 4, ctx.batch_size})
     return bench_unet(ctx.sampler, batches, ctx.warmup, ctx.reps)
+
+
+def _pipeline(ctx: BenchContext) -> dict:
+    from magicseg_engine.bench.pipeline import bench_pipeline
+
+    batches = sorted({1, 2, 4, ctx.batch_size})
+    return bench_pipeline(ctx.config, ctx.sampler, ctx.refiner, ctx.prompt_records(ctx.pairs), batches, (1, 2, 4),
+                          ctx.warmup, ctx.reps)
 
 
 def _masks(ctx: BenchContext) -> dict:
@@ -111,7 +123,7 @@ def _train(ctx: BenchContext) -> dict:
 
 # In the order `all` runs them: each builds on models the one before has built.
 BENCHES: dict[str, Callable[[BenchContext], dict]] = {
-    "generate": _generate, "unet": _unet, "masks": _masks, "sam": _sam,
+    "generate": _generate, "unet": _unet, "pipeline": _pipeline, "masks": _masks, "sam": _sam,
     "losses": _losses, "loader": _loader, "train": _train,
 }
 
@@ -144,6 +156,10 @@ def headline(name: str, r: dict) -> dict:
     if name == "generate":
         return row("paired sampler vs batch-1 loop", r["engine"]["pairs_per_s"],
                    r["reference"]["pairs_per_s"], "pairs/s", r["speedup"])
+    if name == "pipeline":
+        best = r["best"]
+        return row("prompts to shards vs reference pipeline", best["pairs_per_s"], r["reference"]["pairs_per_s"],
+                   "pairs/s", r["speedup"], f"batch {best['batch_size']}, {best['encode_workers']} encoders")
     if name == "unet":
         return row(f"UNet, {r['best']['rows']} rows vs 2", r["best"]["rows_per_s"],
                    r["baseline"]["rows_per_s"], "rows/s", r["speedup"],
