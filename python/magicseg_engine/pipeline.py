@@ -28,6 +28,7 @@ from PIL import Image
 
 from magicseg_engine.atomic import atomic_write_text, check_writable_dir
 from magicseg_engine.config import RunConfig, library_versions
+from magicseg_engine.data.encoding import encode_jpeg, encode_png
 from magicseg_engine.data.shards import MANIFEST, SHARDS_DIR, ShardWriter, finished_keys, iter_samples, sample_key
 from magicseg_engine.engine.backends import BACKENDS, make_runners, make_sam_runners
 from magicseg_engine.errors import UsageError
@@ -160,18 +161,6 @@ def record_summary(out: Path, summary: GenerationSummary, extra: dict) -> None:
 
 
 # --- encoding and writing --------------------------------------------------------------
-
-def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
-    buf = BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def encode_png(label_map: np.ndarray) -> bytes:
-    buf = BytesIO()
-    Image.fromarray(label_map, mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
 
 def encode_attention(maps: torch.Tensor) -> bytes:
     """One pair's maps [2, C, h, w] as float16 .npy: enough to annotate again without the UNet."""

@@ -29,13 +29,12 @@ import torch
 
 from magicseg_engine.bench.common import environment, summarise, sync
 from magicseg_engine.bench.generate import reference_image
+from magicseg_engine.data.encoding import encode_jpeg, encode_png
 from magicseg_engine.data.shards import ShardWriter
 from magicseg_engine.masks.detector import build_detector
 from magicseg_engine.pipeline import (
     ExecutionOptions,
     build_mask_stage,
-    encode_jpeg,
-    encode_png,
     keyed_records,
     render_pairs,
 )

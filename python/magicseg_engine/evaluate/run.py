@@ -8,7 +8,6 @@ one confusion matrix on the device. The summary is a plain dict, written as JSON
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -22,6 +21,7 @@ from PIL import Image
 
 from magicseg_engine.atomic import atomic_output, check_writable_dir
 from magicseg_engine.config import library_versions
+from magicseg_engine.data.encoding import encode_png
 from magicseg_engine.errors import UsageError
 from magicseg_engine.evaluate.datasets import IGNORE_LABEL, EvalDataset, Sample
 from magicseg_engine.evaluate.inference import SlideSettings, SlidingWindowSegmenter, logits_to_labels
@@ -204,7 +204,5 @@ def evaluate(
 
 
 def _save_png(path: Path, labels: torch.Tensor) -> None:
-    buf = io.BytesIO()
-    Image.fromarray(labels.to(torch.uint8).cpu().numpy(), mode="L").save(buf, format="PNG")
     with atomic_output(path, "wb", encoding=None) as f:
-        f.write(buf.getvalue())
+        f.write(encode_png(labels.to(torch.uint8).cpu().numpy()))

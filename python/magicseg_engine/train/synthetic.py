@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from magicseg_engine.data.encoding import encode_jpeg, encode_png
 from magicseg_engine.data.shards import ShardWriter, finished_keys, sample_key
 from magicseg_engine.prompts.records import sample_seed
 
@@ -121,18 +122,6 @@ def render_sample(rng: np.random.Generator, names: Sequence[str],
     return image, twin, labels
 
 
-def _jpeg(image: np.ndarray, quality: int) -> bytes:
-    buf = BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _png(labels: np.ndarray) -> bytes:
-    buf = BytesIO()
-    Image.fromarray(labels, mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _prompt(names: Sequence[str]) -> str:
     return f"{' and '.join('a ' + n for n in names)} on {BACKGROUND_PROMPT}"
 
@@ -178,7 +167,7 @@ def write_synthetic_run(
             if key in done:
                 continue
             image, twin, labels = render_sample(rng, chosen, size)
-            files = {"pos.jpg": _jpeg(image, jpeg_quality), "neg.jpg": _jpeg(twin, jpeg_quality)}
+            files = {"pos.jpg": encode_jpeg(image, jpeg_quality), "neg.jpg": encode_jpeg(twin, jpeg_quality)}
             meta = {
                 "key": key, "prompt_id": f"synthetic-{seed}-{index}", "classes": chosen,
                 "prompt": prompt, "negative_prompt": BACKGROUND_PROMPT, "seed": item_seed,
@@ -186,7 +175,7 @@ def write_synthetic_run(
                 "shared_noise": True, "mask_source": "synthetic" if masks else "none",
             }
             if masks:
-                files["mask.png"] = _png(labels)
+                files["mask.png"] = encode_png(labels)
                 meta["masks"] = {
                     "classes": [{"name": n, "found": True, "pixels": int((labels == i).sum())}
                                 for i, n in enumerate(chosen, 1)],
@@ -231,7 +220,7 @@ def write_coordinate_run(out_dir: Path | str, num_samples: int, size: int = 64, 
         Image.fromarray(pixels).save(buf, format="JPEG", quality=100, subsampling=0)
         return buf.getvalue()
 
-    files = {"pos.jpg": jpeg(image), "neg.jpg": jpeg(twin), "mask.png": _png(labels)}
+    files = {"pos.jpg": jpeg(image), "neg.jpg": jpeg(twin), "mask.png": encode_png(labels)}
     classes = list(COORDINATE_CLASSES)
     out_dir = Path(out_dir)
     done = finished_keys(out_dir)
