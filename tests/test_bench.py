@@ -166,14 +166,13 @@ def test_reference_pipeline_writes_each_pair_with_one_merged_mask(sampler, tmp_p
 
 def test_pipeline_benchmark_sweeps_batch_and_encoders_against_the_reference(sampler):
     from magicseg_engine.bench.pipeline import bench_pipeline
-    from magicseg_engine.masks.sam import SamRefiner, build_sam
+    from magicseg_engine.pipeline import build_mask_stage
     from magicseg_engine.prompts import build_prompts
     from magicseg_engine.vocab import load_vocabulary
 
     config = load_preset("tiny")
     records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=3).records
-    refiner = SamRefiner(build_sam(config.sam.model_type, None, device="cpu", seed=0))
-    r = bench_pipeline(config, sampler, refiner, records, batch_sizes=(1, 4), encode_workers=(1, 2), warmup=0, reps=1)
+    r = bench_pipeline(config, sampler, build_mask_stage(config, sampler), records, batch_sizes=(1, 4), encode_workers=(1, 2), warmup=0, reps=1)
     assert [(x["batch_size"], x["encode_workers"]) for x in r["engine_by_batch"]] == [(1, 4), (3, 4)]  # 4 > 3 pairs
     best_batch = max(r["engine_by_batch"], key=lambda x: x["pairs_per_s"])["batch_size"]
     assert [(x["batch_size"], x["encode_workers"]) for x in r["engine_by_encode_workers"]] == [(best_batch, 1), (best_batch, 2)]

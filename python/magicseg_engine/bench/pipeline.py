@@ -32,12 +32,7 @@ from magicseg_engine.bench.generate import reference_image
 from magicseg_engine.data.encoding import encode_jpeg, encode_png
 from magicseg_engine.data.shards import ShardWriter
 from magicseg_engine.masks.detector import build_detector
-from magicseg_engine.pipeline import (
-    ExecutionOptions,
-    build_mask_stage,
-    keyed_records,
-    render_pairs,
-)
+from magicseg_engine.pipeline import ExecutionOptions, MaskStage, keyed_records, render_pairs
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -91,12 +86,15 @@ def _timed(fn, device: torch.device, reps: int, warmup: int) -> dict:
     return {**summarise(times), "peak_memory_bytes": peaks[-1]}
 
 
-def bench_pipeline(config, sampler, refiner, records: Sequence, batch_sizes: Sequence[int] = (1, 2, 4, 8),
+def bench_pipeline(config, sampler, masks: MaskStage, records: Sequence, batch_sizes: Sequence[int] = (1, 2, 4, 8),
                    encode_workers: Sequence[int] = (1, 2, 4), warmup: int = 1, reps: int = 3) -> dict:
-    """Pairs/s end to end: the engine at each batch size and encoding thread count, and the reference."""
+    """Pairs/s end to end: the engine at each batch size and encoding thread count, and the reference.
+
+    `masks` is the run's mask stage (`pipeline.build_mask_stage`); the reference uses its SAM.
+    """
     device = sampler.device
     n = len(records)
-    masks = build_mask_stage(config, sampler)
+    refiner = masks.annotator.refiner
     detector = build_detector(config.masks.detector_model or "tiny", device=device, seed=config.seed,
                               box_threshold=config.masks.box_threshold, text_threshold=config.masks.text_threshold)
     default_workers = ExecutionOptions().encode_workers

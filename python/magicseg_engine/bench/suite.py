@@ -42,12 +42,16 @@ class BenchContext:
         return build_sampler(self.config, str(self.device))
 
     @cached_property
-    def refiner(self):
-        from magicseg_engine.masks.sam import SamRefiner, build_sam
+    def mask_stage(self):
+        """The run's mask stage (attention capture + annotator), as `generate` builds it."""
+        from magicseg_engine.pipeline import build_mask_stage
 
-        sam = self.config.sam
-        return SamRefiner(build_sam(sam.model_type, sam.checkpoint, device=str(self.device),
-                                    dtype=self.sampler.dtype, seed=self.config.seed))
+        return build_mask_stage(self.config, self.sampler)
+
+    @property
+    def refiner(self):
+        """The mask stage's SAM (the presets always refine with it): one SAM for every benchmark."""
+        return self.mask_stage.annotator.refiner
 
     def prompt_records(self, n: int):
         """`n` prompt records over the VOC classes, the same ones for every benchmark of the run."""
@@ -85,8 +89,8 @@ def _pipeline(ctx: BenchContext) -> dict:
     from magicseg_engine.bench.pipeline import bench_pipeline
 
     batches = sorted({1, 2, 4, ctx.batch_size})
-    return bench_pipeline(ctx.config, ctx.sampler, ctx.refiner, ctx.prompt_records(ctx.pairs), batches, (1, 2, 4),
-                          ctx.warmup, ctx.reps)
+    return bench_pipeline(ctx.config, ctx.sampler, ctx.mask_stage, ctx.prompt_records(ctx.pairs), batches,
+                          (1, 2, 4), ctx.warmup, ctx.reps)
 
 
 def _masks(ctx: BenchContext) -> dict:
