@@ -220,3 +220,140 @@ def test_a_class_the_prompt_does_not_tokenise_is_counted_and_left_empty(tmp_path
     assert not c["found"] and c["empty"] and c["area"] == 0
     assert json.loads((out / "run.json").read_text())["sessions"][-1]["classes_not_found"] == 1
     assert "1 class mentions were not found" in result.stderr.replace("\n", " ")
+
+
+# --- the mask annotation in two halves: device, then host on the sink's thread ------------------
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny_stage():
+    from magicseg_engine.config import load_preset
+    from magicseg_engine.pipeline import build_mask_stage, build_sampler
+    from magicseg_engine.prompts import build_prompts
+    from magicseg_engine.vocab import load_vocabulary
+
+    config = load_preset("tiny")
+    sampler = build_sampler(config, "cpu")
+    records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=3).records
+    return config, sampler, build_mask_stage(config, sampler), records
+
+
+def _annotator(stage, sam):
+    from magicseg_engine.masks.annotate import MaskAnnotator
+
+    if sam:
+        return stage.annotator
+    return MaskAnnotator(stage.annotator.config.model_copy(update={"refine_with_sam": False}))
+
+
+@pytest.mark.parametrize("sam", [True, False], ids=["sam", "attention-only"])
+def test_device_half_then_host_half_gives_what_one_call_gives(tiny_stage, sam):
+    import torch
+
+    from magicseg_engine.kernels.mask_extract import extract_masks
+    from magicseg_engine.masks.annotate import class_validity, counterfactual_coverage
+    from magicseg_engine.pipeline import MaskStage, PendingAnnotations
+
+    config, sampler, stage, records = tiny_stage
+    annotator = _annotator(stage, sam)
+    assert (annotator.refiner is not None) == sam
+    classes = [tuple(r.classes) for r in records]
+    pairs, pending = MaskStage(stage.capture, annotator).run(sampler, records)
+    assert isinstance(pending, PendingAnnotations) and "masks_s" in pairs.timings
+    maps = stage.capture.maps()
+    part = pending.part
+    B, C = maps.shape[0], maps.shape[2]
+    H, W = pairs.positives.shape[1:3]
+    assert isinstance(part.masks, np.ndarray) and part.masks.shape == (B, C, H, W)
+    assert part.above.dtype == torch.bool and part.above.shape == (B, C, H, W)
+    for t in (part.scores, part.agreement, part.valid, part.above, pending.maps):
+        assert t.device.type == "cpu"
+
+    whole = annotator(pairs.positives, maps, classes)
+    split = annotator.finish(annotator.on_device(pairs.positives, maps, classes))
+    finished = pending.finish()
+    for notes in (split, finished):
+        assert len(notes) == B
+        for got, want in zip(notes, whole):
+            np.testing.assert_array_equal(got.label_map, want.label_map)
+            assert got.metadata() == want.metadata()
+    # The pending route also hands each pair its maps, on the CPU, for attn.npy.
+    for note, names, pair_maps in zip(finished, classes, maps):
+        assert note.maps.device.type == "cpu" and torch.equal(note.maps, pair_maps[:, : len(names)])
+    assert all(note.maps is None for note in whole)
+    # The coverage counted on the host equals the one computed in one go on the final masks.
+    thresholds = extract_masks(maps[:, 0].float(), class_validity(maps, classes), (H, W),
+                               config.masks.threshold, config.masks.positive_points,
+                               config.masks.negative_points).thresholds
+    final = torch.from_numpy(np.stack([n.label_map for n in whole]))[:, None] == torch.arange(1, C + 1)[None, :, None, None]
+    coverage = counterfactual_coverage(maps, thresholds, final)
+    for b, note in enumerate(finished):
+        assert [c["counterfactual_coverage"] for c in note.classes] == [
+            round(float(coverage[b, c]), 4) for c in range(len(classes[b]))]
+    # finish leaves its input as it was: the same part finishes to the same annotations again.
+    again = annotator.finish(part)
+    assert all(np.array_equal(a.label_map, b.label_map) and a.metadata() == b.metadata()
+               for a, b in zip(again, finished))
+
+
+def _render(tiny_stage, out, batch_size=1):
+    from magicseg_engine.data.shards import ShardWriter
+    from magicseg_engine.pipeline import ExecutionOptions, keyed_records, render_pairs
+
+    config, sampler, stage, records = tiny_stage
+    todo = keyed_records(sampler.models.model_id, records)
+    options = ExecutionOptions(batch_size=batch_size, samples_per_shard=100, encode_workers=1)
+    with ShardWriter(out, options.samples_per_shard, options.writer_id) as writer:
+        render_pairs(writer, config, todo, sampler, options, stage)
+    return todo
+
+
+def test_render_finishes_masks_on_the_writer_thread(tiny_stage, tmp_path, monkeypatch):
+    import threading
+
+    _, _, stage, records = tiny_stage
+    threads = []
+    finish = stage.annotator.finish
+
+    def recording(part):
+        threads.append(threading.current_thread().name)
+        return finish(part)
+
+    monkeypatch.setattr(stage.annotator, "finish", recording)
+    todo = _render(tiny_stage, tmp_path / "run")
+    assert threads == ["shard-writer"] * len(records)
+    assert threading.current_thread().name not in threads
+    got = samples(tmp_path / "run")
+    assert set(got) == {k for k, _ in todo}
+    for s in got.values():
+        n = len(json.loads(s["json"])["classes"])
+        assert "mask.png" in s and decode_attention(s["attn.npy"]).shape == (2, n, 8, 8)
+
+
+def test_an_error_while_finishing_masks_reaches_the_caller_and_writes_no_shard_for_its_batch(
+        tiny_stage, tmp_path, monkeypatch):
+    _, _, stage, _ = tiny_stage
+    calls = []
+    finish = stage.annotator.finish
+
+    def failing_second(part):
+        calls.append(len(part.classes))
+        if len(calls) == 2:
+            raise Boom("finishing failed")
+        return finish(part)
+
+    monkeypatch.setattr(stage.annotator, "finish", failing_second)
+    out = tmp_path / "run"
+    with pytest.raises(Boom, match="finishing failed"):
+        _render(tiny_stage, out)
+    assert len(calls) == 2  # the writer thread stops finishing after the error
+    _, sampler, _, records = tiny_stage
+    from magicseg_engine.pipeline import keyed_records
+
+    keys = [k for k, _ in keyed_records(sampler.models.model_id, records)]
+    # The batch before the error is kept; the failed batch and the ones after it are in no shard.
+    assert finished_keys(out) == {keys[0]}
+    assert not [p for p in (out / "shards").iterdir() if p.name.endswith(".tmp")]

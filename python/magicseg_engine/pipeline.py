@@ -1,9 +1,10 @@
 """Compose the stages batch by batch: prompt records → paired images and masks → WebDataset shards.
 
-The GPU (or CPU) thread only samples and annotates; JPEG/PNG encoding and shard writing run in
-a background thread with a small pool of encoders, behind a bounded queue, so the next batch
-denoises while the last one is written, and a slow disk slows generation down instead of
-filling memory. The run directory rules (new, resume, overwrite) live here too, so that every
+The GPU (or CPU) thread only samples and does the device half of the masks; the masks' host
+half (C++ clean-up, merge, boxes, coverage), JPEG/PNG encoding and shard writing run in a
+background thread with a small pool of encoders, behind a bounded queue, so the next batch
+denoises while the last one is finished and written, and a slow disk slows generation down
+instead of filling memory. The run directory rules (new, resume, overwrite) live here too, so that every
 command that writes a run — generate, masks — follows the same ones.
 """
 
@@ -35,7 +36,7 @@ from magicseg_engine.errors import UsageError
 from magicseg_engine.generate.attention import AttentionCapture
 from magicseg_engine.generate.models import load_diffusion, resolve_dtype
 from magicseg_engine.generate.sampler import PairBatch, PairedSampler, SamplingSettings
-from magicseg_engine.masks.annotate import MaskAnnotator, PairAnnotation
+from magicseg_engine.masks.annotate import DeviceAnnotations, MaskAnnotator, PairAnnotation
 from magicseg_engine.masks.detector import build_detector
 from magicseg_engine.masks.sam import SamRefiner, build_sam
 from magicseg_engine.prompts.records import PromptRecord, read_records, write_records
@@ -223,8 +224,23 @@ class PairWriter:
         self.counts["written"] += 1
 
 
+@dataclass
+class PendingAnnotations:
+    """A batch's masks with the device half done; `finish` does the host half, on any thread."""
+
+    annotator: MaskAnnotator
+    part: DeviceAnnotations
+    maps: torch.Tensor  # [B, 2, C, h, w] on the CPU: each pair's slice goes into its sample as attn.npy
+
+    def finish(self) -> list[PairAnnotation]:
+        notes = self.annotator.finish(self.part)
+        for note, pair_maps, names in zip(notes, self.maps, self.part.classes):
+            note.maps = pair_maps[:, : len(names)]
+        return notes
+
+
 class SampleSink:
-    """Encodes finished batches and hands them to the shard writer, off the sampling thread."""
+    """Finishes masks, encodes batches and hands them to the shard writer, off the sampling thread."""
 
     def __init__(self, pairs: PairWriter, workers: int, jpeg_quality: int, max_pending: int = 2):
         self.pairs = pairs
@@ -236,8 +252,11 @@ class SampleSink:
         self.thread.start()
 
     def submit(self, items: list[tuple[str, dict]], batch: PairBatch,
-               annotations: list[PairAnnotation] | None = None) -> None:
-        """Queue one batch; blocks when `max_pending` batches are already waiting."""
+               annotations: list[PairAnnotation] | PendingAnnotations | None = None) -> None:
+        """Queue one batch; blocks when `max_pending` batches are already waiting.
+
+        Pending annotations are finished on the writer thread, before the batch is written;
+        an error there, as in encoding, is raised by the next `submit` or by `close`."""
         self._raise_if_failed()
         self.queue.put((items, batch, annotations))
 
@@ -254,10 +273,16 @@ class SampleSink:
                 self.error = err
 
     def _write(self, items: list[tuple[str, dict]], batch: PairBatch,
-               annotations: list[PairAnnotation] | None) -> None:
-        # PIL releases the GIL while it compresses, so the pool encodes in parallel.
-        pos = list(self.pool.map(lambda im: encode_jpeg(im, self.quality), batch.positives))
-        neg = list(self.pool.map(lambda im: encode_jpeg(im, self.quality), batch.negatives))
+               annotations: list[PairAnnotation] | PendingAnnotations | None) -> None:
+        # PIL releases the GIL while it compresses, so the pool encodes in parallel, and
+        # meanwhile this thread finishes the masks (the C++ clean-up releases it too).
+        pos_jobs = self.pool.map(lambda im: encode_jpeg(im, self.quality), batch.positives)
+        neg_jobs = self.pool.map(lambda im: encode_jpeg(im, self.quality), batch.negatives)
+        if isinstance(annotations, PendingAnnotations):
+            t0 = time.perf_counter()
+            annotations = annotations.finish()
+            batch.timings["masks_host_s"] = time.perf_counter() - t0
+        pos, neg = list(pos_jobs), list(neg_jobs)
         for i, (key, meta) in enumerate(items):
             self.pairs.write(key, meta, pos[i], neg[i], annotations[i] if annotations else None)
 
@@ -321,7 +346,9 @@ class MaskStage:
     capture: AttentionCapture
     annotator: MaskAnnotator
 
-    def run(self, sampler: PairedSampler, records: Sequence[PromptRecord]) -> tuple[PairBatch, list[PairAnnotation]]:
+    def run(self, sampler: PairedSampler, records: Sequence[PromptRecord]) -> tuple[PairBatch, PendingAnnotations]:
+        """Sample a batch with capture on and do the device half of its masks; the host half
+        (`PendingAnnotations.finish`) is left to the caller, `SampleSink` off this thread."""
         classes = [tuple(r.classes) for r in records]
         self.capture.set_prompts([r.prompt for r in records], classes)
         with self.capture.installed():
@@ -329,11 +356,10 @@ class MaskStage:
                             [r.seed for r in records], hook=self.capture)
         t0 = time.perf_counter()
         maps = self.capture.maps()
-        annotations = self.annotator(pairs.positives, maps, classes)
-        for note, pair_maps, names in zip(annotations, maps, classes):
-            note.maps = pair_maps[:, : len(names)]
+        part = self.annotator.on_device(pairs.positives, maps, classes)
+        pending = PendingAnnotations(self.annotator, part, maps.cpu())
         pairs.timings["masks_s"] = time.perf_counter() - t0
-        return pairs, annotations
+        return pairs, pending
 
 
 def check_model_settings(config: RunConfig) -> None:

@@ -71,17 +71,40 @@ def combine_prompts(attention: SamPrompts, detections: Detections, source: str) 
     return SamPrompts(boxes, attention.points, attention.point_labels)
 
 
+def counterfactual_above(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, C, H, W] bool on the maps' device: where the negative's attention, normalised by the
+    positive's range and upsampled to `size`, is above the positive's threshold."""
+    pos, neg = maps[:, 0].float(), maps[:, 1].float()
+    mins, scales = normalisation_params(pos)
+    neg_up = F.interpolate(normalise_maps(neg, mins, scales), size=tuple(size), mode="bilinear",
+                           align_corners=False)
+    return neg_up > thresholds.to(neg_up.device)[..., None, None]
+
+
+def coverage_inside(above: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """[B, C] on the CPU: the fraction of each mask [B, C, H, W] where `above` holds."""
+    masks = masks.to(above.device)
+    inside = (above & masks).flatten(2).sum(-1).float()
+    return (inside / masks.flatten(2).sum(-1).clamp_min(1)).cpu()
+
+
 def counterfactual_coverage(maps: torch.Tensor, thresholds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """[B, C]: the fraction of each final positive mask where the negative's attention is above
     the positive's threshold, both normalised by the positive's range."""
-    pos, neg = maps[:, 0].float(), maps[:, 1].float()
-    mins, scales = normalisation_params(pos)
-    neg_up = F.interpolate(normalise_maps(neg, mins, scales), size=masks.shape[-2:], mode="bilinear",
-                           align_corners=False)
-    above = neg_up > thresholds.to(neg_up.device)[..., None, None]
-    masks = masks.to(neg_up.device)
-    inside = (above & masks).flatten(2).sum(-1).float()
-    return (inside / masks.flatten(2).sum(-1).clamp_min(1)).cpu()
+    return coverage_inside(counterfactual_above(maps, thresholds, masks.shape[-2:]), masks)
+
+
+@dataclass
+class DeviceAnnotations:
+    """What `MaskAnnotator.on_device` hands to `MaskAnnotator.finish`: every part on the CPU."""
+
+    classes: list[tuple[str, ...]]
+    masks: np.ndarray  # [B, C, H, W]: the masks before clean-up (SAM's, attention's or the boxes)
+    scores: torch.Tensor  # [B, C] float32
+    agreement: torch.Tensor  # [B, C] float32
+    valid: torch.Tensor  # [B, C] bool: the class has attention or a detector box
+    above: torch.Tensor  # [B, C, H, W] bool: from `counterfactual_above`, for the coverage
+    detector_scores: torch.Tensor | None = None  # [B, C] float32 on the detector routes
 
 
 class MaskAnnotator:
@@ -96,8 +119,13 @@ class MaskAnnotator:
 
     def __call__(self, positives: np.ndarray, maps: torch.Tensor, classes: list[tuple[str, ...]]) -> list[PairAnnotation]:
         """`positives` [B, H, W, 3] uint8, `maps` [B, 2, C, h, w] from AttentionCapture.maps()."""
+        return self.finish(self.on_device(positives, maps, classes))
+
+    def on_device(self, positives: np.ndarray, maps: torch.Tensor, classes: list[tuple[str, ...]]) -> DeviceAnnotations:
+        """The device half: masks, prompts, detector, SAM, scores and the counterfactual's
+        comparison, on the maps' (and models') device; returns them on the CPU for `finish`."""
         cfg = self.config
-        B, H, W = positives.shape[:3]
+        H, W = positives.shape[1:3]
         valid = class_validity(maps, classes).to(maps.device)
         pos_maps = maps[:, 0].float()
         extracted = extract_masks(pos_maps, valid, (H, W), cfg.threshold, cfg.positive_points,
@@ -121,21 +149,31 @@ class MaskAnnotator:
         else:
             scores = attention_scores(pos_maps, masks).cpu()
             agreement = torch.ones_like(scores)
+        # The float work of the coverage stays here, on the maps' device; `finish` only counts.
+        above = counterfactual_above(maps, extracted.thresholds, (H, W)).cpu()
+        return DeviceAnnotations(
+            classes=list(classes), masks=masks.cpu().numpy(), scores=scores, agreement=agreement,
+            valid=valid.cpu(), above=above,
+            detector_scores=detections.scores.cpu() if detections is not None else None)
 
-        C = masks.shape[1]
-        flat = masks.reshape(B * C, H, W).cpu().numpy()
+    def finish(self, part: DeviceAnnotations) -> list[PairAnnotation]:
+        """The host half: C++ clean-up and merge, boxes, areas, coverage and the per-pair records.
+        Touches no device, so it can run on any thread while the device works on the next batch."""
+        cfg = self.config
+        B, C, H, W = part.masks.shape
         area = H * W
+        flat = part.masks.reshape(B * C, H, W)
         flat = ops.remove_small_regions(flat, round(cfg.min_region_fraction * area))
         flat = ops.fill_small_holes(flat, round(cfg.max_hole_fraction * area))
         cleaned = flat.reshape(B, C, H, W)
-        labels = ops.merge_label_map(cleaned, scores.numpy(), valid.cpu().numpy(), rule=cfg.merge_rule)
+        labels = ops.merge_label_map(cleaned, part.scores.numpy(), part.valid.numpy(), rule=cfg.merge_rule)
         final = labels[:, None] == np.arange(1, C + 1, dtype=np.uint8)[None, :, None, None]
         boxes = ops.masks_to_boxes(final.reshape(B * C, H, W)).reshape(B, C, 4)
         areas = ops.mask_areas(final.reshape(B * C, H, W)).reshape(B, C)
-        coverage = counterfactual_coverage(maps, extracted.thresholds, torch.from_numpy(final))
-        detector_scores = detections.scores.cpu() if detections is not None else None
-        return [self._pair(classes[b], labels[b], boxes[b], areas[b], scores[b], agreement[b], valid[b].cpu(),
-                           coverage[b], detector_scores[b] if detector_scores is not None else None)
+        coverage = coverage_inside(part.above, torch.from_numpy(final))
+        det = part.detector_scores
+        return [self._pair(part.classes[b], labels[b], boxes[b], areas[b], part.scores[b], part.agreement[b],
+                           part.valid[b], coverage[b], det[b] if det is not None else None)
                 for b in range(B)]
 
     def _pair(self, names, label_map, boxes, areas, scores, agreement, valid, coverage,
