@@ -57,19 +57,26 @@ def torch_runners(models) -> DiffusionRunners:
     )
 
 
+def _owned(tensor: torch.Tensor, graphed: bool) -> torch.Tensor:
+    """A CUDA-graphed call's output lives in a memory pool that the next graphed call may reuse;
+    callers keep outputs across calls (the empty prompt's embedding, the VAE's chunks), so those
+    are copied out. Without CUDA graphs the output is already the caller's."""
+    return tensor.clone() if graphed else tensor
+
+
 def compile_runners(models) -> DiffusionRunners:
     """torch.compile of each module; on a GPU with CUDA graphs ("reduce-overhead"), since a
     denoising step is many small kernels whose launch cost CUDA graphs remove."""
-    cuda = next(models.unet.parameters()).is_cuda
-    mode = "reduce-overhead" if cuda else "default"
+    graphed = next(models.unet.parameters()).is_cuda
+    mode = "reduce-overhead" if graphed else "default"
     unet = torch.compile(models.unet, mode=mode, dynamic=False)
     text = torch.compile(models.text_encoder, mode=mode, dynamic=False)
     decode = torch.compile(models.vae.decode, mode=mode, dynamic=False)
     return DiffusionRunners(
         backend="compile",
-        encode_text=lambda ids: text(ids)[0],
-        predict_noise=lambda x, t, ctx: unet(x, t, encoder_hidden_states=ctx).sample,
-        decode=lambda z: decode((z / models.vae.config.scaling_factor).to(models.vae.dtype)).sample,
+        encode_text=lambda ids: _owned(text(ids)[0], graphed),
+        predict_noise=lambda x, t, ctx: _owned(unet(x, t, encoder_hidden_states=ctx).sample, graphed),
+        decode=lambda z: _owned(decode((z / models.vae.config.scaling_factor).to(models.vae.dtype)).sample, graphed),
         # Capture swaps attention processors: compiled graphs then break at the capture
         # kernels and run those parts eagerly, which still gives the same maps.
         attach_capture=_capture_installs_itself,
@@ -206,9 +213,9 @@ class SamRunners:
 
 def sam_torch_runners(sam, compiled: bool = False) -> SamRunners:
     encoder = sam.image_encoder
+    graphed = compiled and next(encoder.parameters()).is_cuda
     if compiled:
-        mode = "reduce-overhead" if next(encoder.parameters()).is_cuda else "default"
-        encoder = torch.compile(encoder, mode=mode, dynamic=False)
+        encoder = torch.compile(encoder, mode="reduce-overhead" if graphed else "default", dynamic=False)
     dtype = next(sam.image_encoder.parameters()).dtype
 
     def decode_masks(embedding, sparse, dense):
@@ -216,7 +223,8 @@ def sam_torch_runners(sam, compiled: bool = False) -> SamRunners:
                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                 multimask_output=True)
 
-    return SamRunners("compile" if compiled else "torch", lambda x: encoder(x.to(dtype)).float(), decode_masks)
+    return SamRunners("compile" if compiled else "torch", lambda x: _owned(encoder(x.to(dtype)), graphed).float(),
+                      decode_masks)
 
 
 def _exported_sam_runners(backend: str, components: dict) -> SamRunners:

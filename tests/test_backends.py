@@ -31,6 +31,23 @@ def test_compile_backend_draws_what_eager_draws(sampler):
     assert np.abs(a.negatives.astype(int) - b.negatives.astype(int)).max() <= 2
 
 
+@pytest.mark.gpu
+def test_compile_with_cuda_graphs_keeps_outputs_across_calls():
+    """Under CUDA graphs a call's output may share memory with the next call's; the empty
+    prompt's cached embedding and the VAE's chunks must survive later calls."""
+    eager = build_sampler(load_preset("tiny"), "cuda")
+    eager.settings.vae_batch_size = 1  # several decode calls per batch
+    compiled = PairedSampler(eager.models, eager.settings, eager.device, eager.dtype,
+                             runners=make_runners("compile", eager.models))
+    prompts, negatives = ["a dog on a beach", "a cat on a sofa"], ["nothing on a beach", "nothing on a sofa"]
+    for seeds in ([1, 2], [3, 4]):  # the second batch reuses the first batch's cached embedding
+        a = compiled(prompts, negatives, seeds)
+        b = eager(prompts, negatives, seeds)
+        assert np.abs(a.positives.astype(int) - b.positives.astype(int)).max() <= 2
+        assert np.abs(a.negatives.astype(int) - b.negatives.astype(int)).max() <= 2
+        assert not np.array_equal(a.positives[0], a.positives[1])
+
+
 def test_unknown_backend_is_refused_before_loading():
     with pytest.raises(UsageError, match="unknown backend 'tpu'"):
         build_sampler(load_preset("tiny"), "cpu", backend="tpu")

@@ -110,9 +110,20 @@ def test_losses_benchmark_times_the_references_and_says_why_not_the_kernels():
         assert "GPU" in r[name]["fused"]["skipped"] and r[name]["speedup"] is None
 
 
-def test_bench_all_runs_every_benchmark_and_summarises_ratios(tmp_path):
+def _summarize(results: Path) -> str:
+    """benchmarks/summarize.py run over the JSON files in `results`; returns the page it wrote."""
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location(
+        "summarize", Path(__file__).parent.parent / "benchmarks" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    summarize.RESULTS = results
+    summarize.main()
+    return (results / "README.md").read_text()
+
+
+def test_bench_all_runs_every_benchmark_and_summarises_ratios(tmp_path):
     out = tmp_path / "all.json"
     result = CliRunner().invoke(app, ["bench", "all", "--preset", "tiny", "--device", "cpu", "--reps", "1",
                                       "--warmup", "0", "--pairs", "2", "--batch-size", "2", "--json", str(out)])
@@ -131,13 +142,7 @@ def test_bench_all_runs_every_benchmark_and_summarises_ratios(tmp_path):
     assert "bench all" in result.output and "ratio" in result.output
 
     # The results page and chart are made from such files.
-    spec = importlib.util.spec_from_file_location(
-        "summarize", Path(__file__).parent.parent / "benchmarks" / "summarize.py")
-    summarize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize)
-    summarize.RESULTS = tmp_path
-    summarize.main()
-    page = (tmp_path / "README.md").read_text()
+    page = _summarize(tmp_path)
     assert "| generate: paired sampler vs batch-1 loop |" in page and "![all](all.png)" in page
     assert (tmp_path / "all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -179,3 +184,77 @@ def test_pipeline_benchmark_sweeps_batch_and_encoders_against_the_reference(samp
     for row in r["engine_by_batch"] + r["engine_by_encode_workers"] + [r["reference"]]:
         assert row["pairs_per_s"] == pytest.approx(3 / row["median_s"])
     assert r["speedup"] == pytest.approx(r["best"]["pairs_per_s"] / r["reference"]["pairs_per_s"])
+
+
+def test_tune_sweeps_variants_and_batch_sizes_against_the_reference(tmp_path, monkeypatch):
+    import magicseg_engine.pipeline as pipeline
+
+    built = []
+    real_build = pipeline.build_sampler
+
+    def recording_build(config, device, backend="torch", engines=None, channels_last=None):
+        built.append((backend, config.diffusion.dtype, channels_last))
+        return real_build(config, device, backend, engines, channels_last)
+
+    monkeypatch.setattr(pipeline, "build_sampler", recording_build)
+    out = tmp_path / "tune.json"
+    result = CliRunner().invoke(app, ["bench", "tune", "--preset", "tiny", "--device", "cpu", "--variants",
+                                      "torch:float32:nchw,torch:float32:nhwc", "--batch-sizes", "1,2", "--pairs", "2",
+                                      "--reference-pairs", "1", "--reps", "1", "--warmup", "0", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    # The reference first (eager, NCHW, the preset's precision), then each variant as asked.
+    assert built == [("torch", "float32", False), ("torch", "float32", False), ("torch", "float32", True)]
+    data = json.loads(out.read_text())
+    assert [v["variant"] for v in data["variants"]] == ["torch:float32:nchw", "torch:float32:nhwc"]
+    ref = data["reference"]
+    assert ref["pairs"] == 1 and ref["pairs_per_s"] == pytest.approx(1 / ref["median_s"])
+    for v in data["variants"]:
+        assert [r["batch_size"] for r in v["pipeline"]] == [1, 2]
+        assert all(r["pairs_per_s"] == pytest.approx(2 / r["median_s"]) for r in v["pipeline"])
+        assert v["best"] == max(v["pipeline"], key=lambda r: r["pairs_per_s"])
+        unet = v["unet"]
+        assert unet["rows"] == 8 and unet["tflops_per_s"] == pytest.approx(
+            8 * v["flops_per_row"] / unet["median_s"] / 1e12)
+        assert unet["fraction_of_peak"] is None  # no known ceiling for a CPU
+    best = max(data["variants"], key=lambda v: v["best"]["pairs_per_s"])
+    assert data["best"]["variant"] == best["variant"] and data["best"]["pairs_per_s"] == best["best"]["pairs_per_s"]
+    assert data["speedup"] == pytest.approx(data["best"]["pairs_per_s"] / ref["pairs_per_s"])
+    aims = data["aims"]
+    assert aims["end_to_end_speedup"]["met"] == (data["speedup"] >= 20.0)
+    assert aims["unet_fraction_of_peak"] == {"target": 0.5, "measured": None, "met": None}
+    assert data["sdpa"]["flash"] is False and "tune" in result.stderr
+
+    page = _summarize(tmp_path)
+    assert "| torch:float32:nhwc, prompts to shards vs reference pipeline |" in page
+    assert "no FLOP ceiling known for this device" in page and "![tune](tune.png)" in page
+    assert (tmp_path / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("variants, message", [
+    ("onnxruntime:float32", "backend must be one of torch, compile"),
+    ("torch:float16", "float16 runs only on a GPU"),
+    ("torch:float64", "dtype must be one of"),
+    ("torch:float32:nhwd", "layout must be nhwc or nchw"),
+    ("torch", "write backend:dtype[:layout]"),
+    (",", "--variants is empty"),
+])
+def test_tune_refuses_bad_variants_before_any_work(tmp_path, variants, message):
+    out = tmp_path / "tune.json"
+    result = CliRunner().invoke(app, ["bench", "tune", "--device", "cpu", "--variants", variants, "--json", str(out)])
+    assert result.exit_code == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_tune_default_layout_follows_the_device():
+    import torch
+
+    from magicseg_engine.bench.tune import default_variants, parse_variants
+
+    assert parse_variants("torch:float32", torch.device("cpu"))[0].channels_last is False
+    assert parse_variants("torch:float16", torch.device("cuda"))[0].channels_last is True
+    assert [v.name for v in parse_variants("compile:bfloat16:nchw, compile:bfloat16:nchw", torch.device("cuda"))] == [
+        "compile:bfloat16:nchw"]
+    gpu = default_variants(torch.device("cuda"))
+    assert {v.backend for v in gpu} == {"torch", "compile"} and {v.dtype for v in gpu} == {"float16", "bfloat16"}
+    assert {v.channels_last for v in gpu} == {True, False}
+    assert all(v.dtype == "float32" for v in default_variants(torch.device("cpu")))

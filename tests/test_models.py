@@ -150,6 +150,28 @@ def test_tiny_is_frozen_with_cross_attention_and_sdpa(tiny):
     assert all(isinstance(p, AttnProcessor2_0) for p in tiny.unet.attn_processors.values())
 
 
+def _conv_weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+
+
+def test_channels_last_is_a_layout_not_a_model(tiny):
+    """NHWC weights (the GPU default, off on the CPU unless asked) hold the same numbers and
+    give the same noise prediction up to summation order."""
+    nhwc = load_diffusion(TINY, seed=0, channels_last=True)
+    for module in ("unet", "vae"):
+        default, other = _conv_weights(getattr(tiny, module)), _conv_weights(getattr(nhwc, module))
+        assert default and all(w.is_contiguous() for w in default)
+        assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in other)
+        assert all(torch.equal(a, b) for a, b in zip(default, other))
+    assert nhwc.model_id == tiny.model_id
+    latents = torch.randn(2, tiny.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(2, tiny.context_length, tiny.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a = tiny.unet(latents, 500, encoder_hidden_states=context).sample
+        b = nhwc.unet(latents, 500, encoder_hidden_states=context).sample
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_properties_follow_the_loaded_models(tiny):
     from diffusers import AutoencoderKL
 

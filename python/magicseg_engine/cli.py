@@ -565,6 +565,13 @@ def build_engines_command(
     stderr.print(f"manifest: {out / 'manifest.json'}", highlight=False)
 
 
+class Precision(str, Enum):
+    """Training and evaluation precision: float32, or bfloat16 autocast."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class LoaderKind(str, Enum):
     torch = "torch"
     dali = "dali"
@@ -581,7 +588,7 @@ def pretrain(
     grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimiser step.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Base learning rate (prompts and decoder get 10x).")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps")] = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, or bf16 (autocast).")] = None,
+    precision: Annotated[Optional[Precision], typer.Option("--precision", help="fp32, or bf16 (autocast); preset default if unset.")] = None,
     candidates: Annotated[Optional[int], typer.Option("--candidates", help="Classes scored per image (own + sampled).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = None,
     clip_weights: Annotated[Optional[str], typer.Option("--clip-weights", help="open_clip checkpoint or .safetensors of the CLIP towers.")] = None,
@@ -604,7 +611,7 @@ def pretrain(
         names = list(load_vocabulary(vocabulary).classes)
     config = load_pretrain_preset(preset, {
         "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "warmup_steps": warmup_steps,
-        "precision": precision, "candidates": candidates, "checkpoint_every": checkpoint_every,
+        "precision": precision.value if precision else None, "candidates": candidates, "checkpoint_every": checkpoint_every,
         "clip_weights": clip_weights, "vocabulary": names, "loader": loader.value, "num_workers": workers,
         "seed": seed,
     })
@@ -636,11 +643,6 @@ class EvalDatasetName(str, Enum):
     context = "context"
     coco_stuff = "coco-stuff"
     coco_object = "coco-object"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
 
 
 @app.command()
@@ -1030,6 +1032,55 @@ def bench_all_command(
         result = run_all(ctx, on_result=lambda name, _: bar.advance(task))
     _write_bench_json(result, json_out)
     stderr.print(_headline_table(result["summary"], f"bench all: {preset} on {ctx.device}"))
+
+
+@bench_app.command("tune")
+@reports_usage_errors
+def bench_tune_command(
+    preset: BenchPreset = "tiny", reps: BenchReps = 3, warmup: BenchWarmup = 1, device: BenchDevice = "auto",
+    variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated backend:dtype[:layout], e.g. torch:float16:nchw,compile:bfloat16:nhwc (default: a GPU sweep of eager/compile, float16/bfloat16, NCHW/NHWC; on the CPU, float32 NCHW and NHWC).")] = None,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated pairs per UNet call.")] = "4,8,16",
+    pairs: Annotated[Optional[int], typer.Option("--pairs", help="Pairs per timed repetition (default: twice the largest batch).")] = None,
+    reference_pairs: Annotated[int, typer.Option("--reference-pairs", help="Pairs the reference pipeline renders per repetition.")] = 4,
+    encode_workers: Annotated[int, typer.Option("--encode-workers", help="Threads that JPEG-encode images.")] = 4,
+    json_out: BenchJson = None,
+) -> None:
+    """Sweep backend, precision, memory layout and batch size end to end with masks, against the reference pipeline."""
+    import torch
+
+    from magicseg_engine.bench.suite import headline
+    from magicseg_engine.bench.tune import bench_tune, default_variants, parse_variants
+    from magicseg_engine.config import load_preset
+    from magicseg_engine.engine.build import parse_batch_sizes
+    from magicseg_engine.prompts import build_prompts
+    from magicseg_engine.vocab import load_vocabulary
+
+    sizes = parse_batch_sizes(batch_sizes)
+    pairs = pairs if pairs is not None else 2 * max(sizes)
+    if min(reps, pairs, reference_pairs, encode_workers) <= 0 or warmup < 0:
+        raise UsageError("--reps, --pairs, --reference-pairs and --encode-workers must be positive, "
+                         "--warmup not negative")
+    dev = torch.device(_resolve_device(device))
+    chosen = parse_variants(variants, dev) if variants is not None else default_variants(dev)
+    config = load_preset(preset)
+    records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=max(pairs, reference_pairs)).records
+    with progress_bar() as bar:
+        task = bar.add_task(f"bench tune ({preset})", total=len(chosen) + 1, unit="variants")
+        result = bench_tune(preset, dev, chosen, records[:pairs], records[:reference_pairs], sizes, encode_workers,
+                            warmup, reps, seed=config.seed, on_step=lambda _: bar.advance(task))
+    result["headline"] = headline("tune", result)
+    _write_bench_json(result, json_out)
+    table = Table(title=f"bench tune: {preset} on {dev}")
+    for column in ("variant", "batch", "pairs/s", "UNet TFLOP/s", "of peak", "peak memory"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for v in result["variants"]:
+        frac, mem = v["unet"]["fraction_of_peak"], v["best"]["peak_memory_bytes"]
+        table.add_row(v["variant"], str(v["best"]["batch_size"]), f"{v['best']['pairs_per_s']:.3g}",
+                      f"{v['unet']['tflops_per_s']:.3g}", "-" if frac is None else f"{100 * frac:.1f}%",
+                      "-" if mem is None else f"{mem / 2**30:.1f} GiB")
+    table.add_row("reference", "1", f"{result['reference']['pairs_per_s']:.3g}", "", "", "")
+    stderr.print(table)
+    stderr.print(_headline_table([result["headline"]], "bench tune"))
 
 
 def _resolve_device(device: str) -> str:

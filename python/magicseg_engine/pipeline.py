@@ -323,15 +323,19 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 
 def build_sampler(config: RunConfig, device: str | torch.device, backend: str = "torch",
-                  engines: Path | None = None) -> PairedSampler:
-    """Load the run's diffusion models and wrap them in a paired sampler running on `backend`."""
+                  engines: Path | None = None, channels_last: bool | None = None) -> PairedSampler:
+    """Load the run's diffusion models and wrap them in a paired sampler running on `backend`.
+
+    `channels_last` (NHWC UNet and VAE weights) defaults to on for a GPU; benchmarks turn it off
+    to measure what it buys.
+    """
     check_model_settings(config)
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     device = torch.device(device)
     d = config.diffusion
     dtype = resolve_dtype(d.dtype, device)
-    models = load_diffusion(d, device, dtype, seed=config.seed)
+    models = load_diffusion(d, device, dtype, seed=config.seed, channels_last=channels_last)
     settings = SamplingSettings(height=d.height, width=d.width, steps=d.steps, guidance=d.guidance,
                                 scheduler=d.scheduler, independent_noise=d.independent_noise)
     latent_shape = (models.latent_channels, d.height // models.vae_scale_factor, d.width // models.vae_scale_factor)

@@ -58,6 +58,22 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, reps
     return times
 
 
+def timed(fn, device: torch.device, reps: int, warmup: int) -> dict:
+    """`fn(rep)` timed `reps` times after `warmup` calls, with the peak device memory of the last."""
+    times, peaks = [], []
+    for rep in range(warmup + reps):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        t0 = time.perf_counter()
+        fn(rep)
+        sync(device)
+        if rep >= warmup:
+            times.append(time.perf_counter() - t0)
+            peaks.append(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+    return {**summarise(times), "peak_memory_bytes": peaks[-1]}
+
+
 def summarise(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "stdev_s": statistics.stdev(times) if len(times) > 1 else 0.0, "reps": len(times)}

@@ -65,12 +65,13 @@ def pair_flops(sampler: PairedSampler) -> dict:
 
 @torch.inference_mode()
 def unet_step_times(sampler: PairedSampler, rows: int, warmup: int, reps: int) -> list[float]:
-    """Seconds per UNet call on `rows` latent rows: the cost of one denoising step."""
+    """Seconds per UNet call on `rows` latent rows through the sampler's backend: the cost of one
+    denoising step."""
     m = sampler.models
     latents = torch.randn(rows, *sampler.latent_shape, device=sampler.device, dtype=sampler.dtype)
     context = torch.randn(rows, m.context_length, m.cross_attention_dim, device=sampler.device, dtype=sampler.dtype)
     t = torch.tensor(500, device=sampler.device)
-    return time_calls(lambda: m.unet(latents, t, encoder_hidden_states=context), sampler.device, warmup, reps)
+    return time_calls(lambda: sampler.runners.predict_noise(latents, t, context), sampler.device, warmup, reps)
 
 
 def bench_generate(sampler: PairedSampler, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int],

@@ -20,14 +20,13 @@ import io
 import itertools
 import tarfile
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from magicseg_engine.bench.common import environment, summarise, sync
+from magicseg_engine.bench.common import environment, timed
 from magicseg_engine.bench.generate import reference_image
 from magicseg_engine.data.encoding import encode_jpeg, encode_png
 from magicseg_engine.data.shards import ShardWriter
@@ -71,19 +70,10 @@ def engine_pipeline(config, sampler, masks, records, out: Path, batch_size: int,
     return result.generated
 
 
-def _timed(fn, device: torch.device, reps: int, warmup: int) -> dict:
-    times, peaks = [], []
-    for rep in range(warmup + reps):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        sync(device)
-        t0 = time.perf_counter()
-        fn(rep)
-        sync(device)
-        if rep >= warmup:
-            times.append(time.perf_counter() - t0)
-            peaks.append(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
-    return {**summarise(times), "peak_memory_bytes": peaks[-1]}
+def reference_detector(config, device: torch.device):
+    """The reference pipeline's detector: the run's Grounding DINO, or the tiny random one."""
+    return build_detector(config.masks.detector_model or "tiny", device=device, seed=config.seed,
+                          box_threshold=config.masks.box_threshold, text_threshold=config.masks.text_threshold)
 
 
 def bench_pipeline(config, sampler, masks: MaskStage, records: Sequence, batch_sizes: Sequence[int] = (1, 2, 4, 8),
@@ -95,8 +85,7 @@ def bench_pipeline(config, sampler, masks: MaskStage, records: Sequence, batch_s
     device = sampler.device
     n = len(records)
     refiner = masks.annotator.refiner
-    detector = build_detector(config.masks.detector_model or "tiny", device=device, seed=config.seed,
-                              box_threshold=config.masks.box_threshold, text_threshold=config.masks.text_threshold)
+    detector = reference_detector(config, device)
     default_workers = ExecutionOptions().encode_workers
     with tempfile.TemporaryDirectory(prefix="magicseg-bench-pipeline-") as tmp:
         fresh = (Path(tmp) / f"run-{i}" for i in itertools.count())  # every repetition writes a new run
@@ -106,16 +95,16 @@ def bench_pipeline(config, sampler, masks: MaskStage, records: Sequence, batch_s
 
         by_batch = []
         for b in dict.fromkeys(min(b, n) for b in batch_sizes):
-            timing = _timed(engine(b, default_workers), device, reps, warmup)
+            timing = timed(engine(b, default_workers), device, reps, warmup)
             by_batch.append({"batch_size": b, "encode_workers": default_workers, **timing,
                              "pairs_per_s": n / timing["median_s"]})
         best = max(by_batch, key=lambda r: r["pairs_per_s"])
         by_workers = []
         for workers in encode_workers:
-            timing = _timed(engine(best["batch_size"], workers), device, reps, warmup)
+            timing = timed(engine(best["batch_size"], workers), device, reps, warmup)
             by_workers.append({"batch_size": best["batch_size"], "encode_workers": workers, **timing,
                                "pairs_per_s": n / timing["median_s"]})
-        reference = _timed(lambda rep: reference_pipeline(sampler, detector, refiner, records,
+        reference = timed(lambda rep: reference_pipeline(sampler, detector, refiner, records,
                                                           next(fresh).with_suffix(".tar")), device, reps, warmup)
     reference["pairs_per_s"] = n / reference["median_s"]
     best = max(by_batch + by_workers, key=lambda r: r["pairs_per_s"])

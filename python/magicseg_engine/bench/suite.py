@@ -199,4 +199,11 @@ def headline(name: str, r: dict) -> dict:
                        None, GPU_ONLY_NOTE)
         return row("train step, fused vs eager", step["fused"]["images_per_s"],
                    step["eager"]["images_per_s"], "images/s", step["fused_speedup"])
+    if name == "tune":
+        best, unet = r["best"], r["unet_best"]
+        frac = unet["fraction_of_peak"]
+        return row("best variant, prompts to shards vs reference pipeline", best["pairs_per_s"],
+                   r["reference"]["pairs_per_s"], "pairs/s", r["speedup"],
+                   f"{best['variant']} at batch {best['batch_size']}; UNet {unet['tflops_per_s']:.3g} TFLOP/s"
+                   + ("" if frac is None else f", {100 * frac:.1f}% of the dense peak"))
     raise KeyError(name)

@@ -224,8 +224,12 @@ def load_diffusion(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    channels_last: bool | None = None,
 ) -> DiffusionModels:
-    """The models that `config` names, on `device` in `dtype` (from `config.dtype` when None), frozen."""
+    """The models that `config` names, on `device` in `dtype` (from `config.dtype` when None), frozen.
+
+    `channels_last` stores the UNet's and VAE's weights NHWC; None means on a GPU only.
+    """
     device = torch.device(device)
     if dtype is None:
         dtype = resolve_dtype(config.dtype, device)
@@ -236,7 +240,7 @@ def load_diffusion(
     else:
         # Built where it will run: a CPU detour would cost a 4 GB float32 copy and minutes of init.
         models = _build_random("sd15", SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER, seed, device, device, dtype)
-    _finish(models, device)
+    _finish(models, device.type == "cuda" if channels_last is None else channels_last)
     return models
 
 
@@ -308,11 +312,11 @@ def _rng_devices() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
-def _finish(models: DiffusionModels, device: torch.device) -> None:
+def _finish(models: DiffusionModels, channels_last: bool) -> None:
     for module in (models.unet, models.vae, models.text_encoder):
         module.eval()
         module.requires_grad_(False)
-    if device.type == "cuda":
+    if channels_last:
         # cuDNN's fastest convolution kernels for half precision want NHWC.
         models.unet.to(memory_format=torch.channels_last)
         models.vae.to(memory_format=torch.channels_last)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU rows of benchmarks/results, on a CUDA machine where magicseg-engine is installed:
+#
+#   bash benchmarks/gpu_pass.sh [tune|all|both] [PRESET]      (default: both sd15-random)
+#
+# tune: backend x precision x memory layout x batch size, prompts to shards with masks, against
+#       the reference pipeline; UNet TFLOP/s and the fraction of the dense peak.
+# all:  every benchmark of `bench all` (generate, unet, pipeline, masks, sam, losses, loader, train).
+# Each writes benchmarks/results/<what>-<preset>-<gpu>-<date>.json, then the results page and
+# charts are made again. Extra options for `bench tune` can be given in TUNE_ARGS, e.g.
+#   TUNE_ARGS="--variants torch:bfloat16,compile:bfloat16 --batch-sizes 8,16" bash benchmarks/gpu_pass.sh tune
+set -euo pipefail
+
+what="${1:-both}"
+preset="${2:-sd15-random}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+results="$here/results"
+python="${PYTHON:-python}"
+case "$what" in
+  tune|all|both) ;;
+  *) echo "usage: bash benchmarks/gpu_pass.sh [tune|all|both] [PRESET]" >&2; exit 2 ;;
+esac
+
+gpu="$("$python" - <<'EOF'
+import re, sys
+import torch
+if not torch.cuda.is_available():
+    sys.exit("gpu_pass.sh: no CUDA GPU is visible; run it on a GPU machine")
+name = torch.cuda.get_device_name(0)
+match = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", name.replace("NVIDIA", ""))
+print((match.group(1) if match else name.split()[-1]).lower())
+EOF
+)"
+date="$(date -u +%F)"
+mkdir -p "$results"
+
+"$python" -m magicseg_engine.cli doctor || true  # the environment, in the log beside the numbers
+
+if [[ "$what" != all ]]; then
+  # shellcheck disable=SC2086  # TUNE_ARGS is a list of options
+  "$python" -m magicseg_engine.cli bench tune --preset "$preset" --device cuda ${TUNE_ARGS:-} \
+    --json "$results/tune-$preset-$gpu-$date.json"
+fi
+if [[ "$what" != tune ]]; then
+  "$python" -m magicseg_engine.cli bench all --preset "$preset" --device cuda \
+    --json "$results/all-$preset-$gpu-$date.json"
+fi
+
+"$python" "$here/summarize.py"
+echo "results: $results/README.md"
