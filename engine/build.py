@@ -136,6 +136,12 @@ def load_components(engines: Path, model_id: str | None, needed: Sequence[str],
     `model_id` names the diffusion weights (DiffusionModels.model_id) and `sam_id` the SAM
     weights (sam_identity); each is checked when `needed` has components made from it.
     """
+    return _verified_components(engines, model_id, needed, sam_id)[0]
+
+
+def _verified_components(engines: Path, model_id: str | None, needed: Sequence[str],
+                         sam_id: str | None) -> tuple[dict[str, ExportedModel], dict[str, dict]]:
+    """load_components, with the manifest's entry of every listed component."""
     path = engines / MANIFEST
     if not path.is_file():
         raise UsageError(f"{engines} holds no {MANIFEST}; run magicseg-engine build-engines --out {engines} first")
@@ -157,14 +163,13 @@ def load_components(engines: Path, model_id: str | None, needed: Sequence[str],
         if e.sha256 != listed[component]["sha256"]:
             raise UsageError(f"{e.path} changed since build-engines wrote it; run build-engines again")
         exported[component] = e
-    return exported
+    return exported, listed
 
 
 def load_engines(engines: Path, model_id: str | None, needed: Sequence[str],
                  sam_id: str | None = None) -> tuple[dict[str, ExportedModel], dict[str, Path]]:
     """load_components, plus the TensorRT engine build-engines made from each export."""
-    exported = load_components(engines, model_id, needed, sam_id)
-    listed = {e["component"]: e for e in json.loads((engines / MANIFEST).read_text(encoding="utf-8"))["components"]}
+    exported, listed = _verified_components(engines, model_id, needed, sam_id)
     missing = [c for c in needed if "engine" not in listed[c]]
     if missing:
         raise UsageError(f"{engines} has no TensorRT engine for {', '.join(missing)}; run build-engines "

@@ -17,6 +17,7 @@ from test_train_data import (  # noqa: E402,F401
     VOCABULARY,
     build_bad_run,
     check_coordinate_batch,
+    check_exact_resume,
     coordinate_run,
     pixels,
     same_batches,
@@ -117,25 +118,8 @@ def test_ranks_read_disjoint_parts_that_cover_the_run(shapes_run):
 @needs_dali
 @pytest.mark.parametrize("stop_after", [3, 5, 7])  # mid-epoch, at the epoch's end, in the next epoch
 def test_resume_continues_with_the_very_next_batch(shapes_run, stop_after):
-    reference = dali_loader(shapes_run, seed=11)
-    expected = list(reference) + list(reference)
-
-    interrupted = dali_loader(shapes_run, seed=11)
-    seen = []
-    while len(seen) < stop_after:
-        for batch in interrupted:
-            seen.append(batch)
-            if len(seen) == stop_after:
-                break
-    state = pickle.loads(pickle.dumps(interrupted.state_dict()))
-    interrupted.close()
-
-    resumed = dali_loader(shapes_run, seed=11)
-    resumed.load_state_dict(state)
-    rest = []
-    while resumed.epoch < 2:
-        rest += list(resumed)
-    same_batches(seen + rest, expected)
+    check_exact_resume(lambda: dali_loader(shapes_run, seed=11), stop_after,
+                       save=lambda state: pickle.loads(pickle.dumps(state)), stop=lambda loader: loader.close())
 
 
 @needs_dali

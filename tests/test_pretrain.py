@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +112,8 @@ def test_pretrain_cli_trains_checkpoints_and_refuses_misuse(shapes, tmp_path):
     assert empty.exit_code == 2 and "no manifest.jsonl" in empty.stderr
     missing = invoke("pretrain", "--data", shapes, "--out", tmp_path / "y", "--resume", "--device", "cpu")
     assert missing.exit_code == 2 and "holds no checkpoint" in missing.stderr
+    half = invoke("pretrain", "--data", shapes, "--out", tmp_path / "z", "--precision", "fp16", "--device", "cpu")
+    assert half.exit_code == 2 and "fp16" in half.stderr and not (tmp_path / "z").exists()
 
 
 def test_checkpoint_of_another_model_config_is_one_line(shapes, tmp_path):

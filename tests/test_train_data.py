@@ -78,6 +78,32 @@ def same_batches(a: list[dict], b: list[dict]) -> None:
             assert torch.equal(x[name], y[name]), name
 
 
+def check_exact_resume(make, stop_after: int, save, stop=lambda loader: None) -> None:
+    """A loader from `make()` stopped after `stop_after` batches and resumed from `save(state)`
+    (the state as a checkpoint file would bring it back) gives exactly the batches of two
+    uninterrupted epochs. `stop(loader)` shuts the interrupted loader down."""
+    reference = make()
+    expected = all_batches(reference) + all_batches(reference)
+
+    interrupted = make()
+    seen = []
+    while len(seen) < stop_after:
+        for batch in interrupted:
+            seen.append(batch)
+            if len(seen) == stop_after:
+                break
+    state = save(interrupted.state_dict())
+    stop(interrupted)
+    del interrupted
+
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = []
+    while resumed.epoch < 2:
+        rest += all_batches(resumed)
+    same_batches(seen + rest, expected)
+
+
 # --- contract and alignment ----------------------------------------------------------------------
 
 
@@ -174,28 +200,8 @@ def test_ranks_read_disjoint_parts_that_cover_the_run(shapes_run, even):
 @pytest.mark.parametrize("stop_after", [3, 5, 7])  # mid-epoch, at the epoch's end, in the next epoch
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_with_the_very_next_batch(shapes_run, stop_after, workers):
-    def make():
-        return PairLoader(shapes_run, batch_size=8, size=SIZE, seed=11, num_workers=workers)
-
-    reference = make()
-    expected = all_batches(reference) + all_batches(reference)  # two epochs of 5 batches
-
-    interrupted = make()
-    seen = []
-    while len(seen) < stop_after:
-        for batch in interrupted:
-            seen.append(batch)
-            if len(seen) == stop_after:
-                break
-    state = json.loads(json.dumps(interrupted.state_dict()))  # it must survive a checkpoint file
-    del interrupted
-
-    resumed = make()
-    resumed.load_state_dict(state)
-    rest = []
-    while resumed.epoch < 2:
-        rest += all_batches(resumed)
-    same_batches(seen + rest, expected)
+    check_exact_resume(lambda: PairLoader(shapes_run, batch_size=8, size=SIZE, seed=11, num_workers=workers),
+                       stop_after, save=lambda state: json.loads(json.dumps(state)))  # a JSON checkpoint
 
 
 def test_resume_with_another_batch_size_continues_at_the_next_sample(shapes_run):
