@@ -77,14 +77,31 @@ def headline(name: str, data: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-def chart_all(data: dict, out: Path) -> Path:
-    """Two panels: each benchmark's ratio over its baseline, and UNet throughput against batch rows."""
+def _two_panels():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display is needed or wanted
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    return plt.subplots(1, 2, figsize=(11, 4))
+
+
+def _save(fig, data: dict, bench: str, out: Path) -> Path:
+    """Title the figure with the bench, preset, device and date, and write it to `out`."""
+    import matplotlib.pyplot as plt
+
+    machine = data.get("machine", {})
+    where = machine.get("gpu") or f"CPU, {machine.get('cpu_count')} cores"
+    fig.suptitle(f"bench {bench}, preset {data.get('preset')}: {where}, {machine.get('date', '')}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def chart_all(data: dict, out: Path) -> Path:
+    """Two panels: each benchmark's ratio over its baseline, and UNet throughput against batch rows."""
+    fig, (left, right) = _two_panels()
     measured = [r for r in data["summary"] if r["ratio"] is not None]
     left.barh([r["bench"] for r in measured], [r["ratio"] for r in measured], color="#4c72b0")
     left.axvline(1.0, color="black", linewidth=0.8)
@@ -100,23 +117,12 @@ def chart_all(data: dict, out: Path) -> Path:
         right.set_xlabel("UNet latent rows per call (2 = reference, 4 per pair)")
         right.set_ylabel("rows/s")
         right.set_title("UNet throughput against batch")
-    machine = data.get("machine", {})
-    where = machine.get("gpu") or f"CPU, {machine.get('cpu_count')} cores"
-    fig.suptitle(f"bench all, preset {data.get('preset')}: {where}, {machine.get('date', '')}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, data, "all", out)
 
 
 def chart_tune(data: dict, out: Path) -> Path:
     """Pairs/s against batch size per variant beside the reference, and each variant's UNet TFLOP/s."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = _two_panels()
     for v in data["variants"]:
         left.plot([r["batch_size"] for r in v["pipeline"]], [r["pairs_per_s"] for r in v["pipeline"]],
                   marker="o", label=v["variant"])
@@ -137,13 +143,7 @@ def chart_tune(data: dict, out: Path) -> Path:
     else:
         right.set_title("UNet TFLOP/s")
     right.invert_yaxis()
-    machine = data.get("machine", {})
-    where = machine.get("gpu") or f"CPU, {machine.get('cpu_count')} cores"
-    fig.suptitle(f"bench tune, preset {data.get('preset')}: {where}, {machine.get('date', '')}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, data, "tune", out)
 
 
 def main() -> None:
