@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu_pass.sh [tune|all|both] [PRESET]      (default: both sd15-random)
 #
-# tune: backend x precision x memory layout x batch size, prompts to shards with masks, against
-#       the reference pipeline; UNet TFLOP/s and the fraction of the dense peak.
+# tune: backend x precision x memory layout x attention kernel x batch size, prompts to shards
+#       with masks, against the reference pipeline; UNet TFLOP/s and the fraction of the dense peak.
 # all:  every benchmark of `bench all` (generate, unet, pipeline, masks, sam, losses, loader, train).
 # Each writes benchmarks/results/<what>-<preset>-<gpu>-<date>.json, then the results page and
 # charts are made again. Extra options for `bench tune` can be given in TUNE_ARGS, e.g.

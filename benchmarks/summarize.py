@@ -55,6 +55,9 @@ def headline(name: str, data: dict) -> list[tuple[str, str, str]]:
         ref = data["reference"]["pairs_per_s"]
         rows = []
         for v in data["variants"]:
+            if "error" in v:
+                rows.append((f"{v['variant']}, prompts to shards vs reference pipeline", "failed", v["error"]))
+                continue
             frac = v["unet"]["fraction_of_peak"]
             rows.append((f"{v['variant']}, prompts to shards vs reference pipeline",
                          f"{v['best']['pairs_per_s'] / ref:.2f}x",
@@ -123,19 +126,19 @@ def chart_all(data: dict, out: Path) -> Path:
 def chart_tune(data: dict, out: Path) -> Path:
     """Pairs/s against batch size per variant beside the reference, and each variant's UNet TFLOP/s."""
     fig, (left, right) = _two_panels()
-    for v in data["variants"]:
+    ran = [v for v in data["variants"] if "error" not in v]
+    for v in ran:
         left.plot([r["batch_size"] for r in v["pipeline"]], [r["pairs_per_s"] for r in v["pipeline"]],
                   marker="o", label=v["variant"])
     left.axhline(data["reference"]["pairs_per_s"], color="black", linestyle="--", linewidth=0.8,
                  label="reference pipeline")
     left.set_xscale("log", base=2)
-    sizes = sorted({r["batch_size"] for v in data["variants"] for r in v["pipeline"]})
+    sizes = sorted({r["batch_size"] for v in ran for r in v["pipeline"]})
     left.set_xticks(sizes, [str(b) for b in sizes])
     left.set_xlabel("pairs per UNet call")
     left.set_ylabel("pairs/s, prompts to shards with masks")
     left.legend(fontsize=8)
-    names = [v["variant"] for v in data["variants"]]
-    right.barh(names, [v["unet"]["tflops_per_s"] for v in data["variants"]], color="#4c72b0")
+    right.barh([v["variant"] for v in ran], [v["unet"]["tflops_per_s"] for v in ran], color="#4c72b0")
     if data.get("dense_peak_tflops"):
         right.axvline(data["dense_peak_tflops"], color="black", linewidth=0.8)
         right.axvline(data["dense_peak_tflops"] / 2, color="black", linestyle="--", linewidth=0.8)

@@ -198,14 +198,21 @@ def test_tune_sweeps_variants_and_batch_sizes_against_the_reference(tmp_path, mo
 
     monkeypatch.setattr(pipeline, "build_sampler", recording_build)
     out = tmp_path / "tune.json"
-    result = CliRunner().invoke(app, ["bench", "tune", "--preset", "tiny", "--device", "cpu", "--variants",
-                                      "torch:float32:nchw,torch:float32:nhwc", "--batch-sizes", "1,2", "--pairs", "2",
-                                      "--reference-pairs", "1", "--reps", "1", "--warmup", "0", "--json", str(out)])
+    # The CPU has no memory-efficient attention kernel: that variant fails, is recorded, and the
+    # sweep goes on, which also shows that the attention choice reaches the UNet.
+    variants = "torch:float32:nchw:math,torch:float32:nchw:efficient,torch:float32:nhwc"
+    result = CliRunner().invoke(app, ["bench", "tune", "--preset", "tiny", "--device", "cpu", "--variants", variants,
+                                      "--batch-sizes", "1,2", "--pairs", "2", "--reference-pairs", "1", "--reps", "1",
+                                      "--warmup", "0", "--json", str(out)])
     assert result.exit_code == 0, result.output
     # The reference first (eager, NCHW, the preset's precision), then each variant as asked.
-    assert built == [("torch", "float32", False), ("torch", "float32", False), ("torch", "float32", True)]
+    assert built == [("torch", "float32", False), ("torch", "float32", False), ("torch", "float32", False),
+                     ("torch", "float32", True)]
     data = json.loads(out.read_text())
-    assert [v["variant"] for v in data["variants"]] == ["torch:float32:nchw", "torch:float32:nhwc"]
+    assert [v["variant"] for v in data["variants"]] == variants.split(",")
+    failed = data["variants"].pop(1)
+    assert failed["attention"] == "efficient" and "error" in failed and "pipeline" not in failed
+    assert [v["attention"] for v in data["variants"]] == ["math", "auto"]
     ref = data["reference"]
     assert ref["pairs"] == 1 and ref["pairs_per_s"] == pytest.approx(1 / ref["median_s"])
     for v in data["variants"]:
@@ -222,10 +229,11 @@ def test_tune_sweeps_variants_and_batch_sizes_against_the_reference(tmp_path, mo
     aims = data["aims"]
     assert aims["end_to_end_speedup"]["met"] == (data["speedup"] >= 20.0)
     assert aims["unet_fraction_of_peak"] == {"target": 0.5, "measured": None, "met": None}
-    assert data["sdpa"]["flash"] is False and "tune" in result.stderr
+    assert set(data["sdpa"]) == {"flash", "mem_efficient", "cudnn", "math"} and "tune" in result.stderr
 
     page = _summarize(tmp_path)
     assert "| torch:float32:nhwc, prompts to shards vs reference pipeline |" in page
+    assert "| torch:float32:nchw:efficient, prompts to shards vs reference pipeline | failed |" in page
     assert "no FLOP ceiling known for this device" in page and "![tune](tune.png)" in page
     assert (tmp_path / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -235,7 +243,8 @@ def test_tune_sweeps_variants_and_batch_sizes_against_the_reference(tmp_path, mo
     ("torch:float16", "float16 runs only on a GPU"),
     ("torch:float64", "dtype must be one of"),
     ("torch:float32:nhwd", "layout must be nhwc or nchw"),
-    ("torch", "write backend:dtype[:layout]"),
+    ("torch", "write backend:dtype[:layout[:attention]]"),
+    ("torch:float32:nchw:fast", "attention must be one of auto, flash, efficient, cudnn, math"),
     (",", "--variants is empty"),
 ])
 def test_tune_refuses_bad_variants_before_any_work(tmp_path, variants, message):
@@ -251,10 +260,12 @@ def test_tune_default_layout_follows_the_device():
     from magicseg_engine.bench.tune import default_variants, parse_variants
 
     assert parse_variants("torch:float32", torch.device("cpu"))[0].channels_last is False
+    assert parse_variants("torch:float32", torch.device("cpu"))[0].attention == "auto"
+    assert parse_variants("torch:float32:nhwc:flash", torch.device("cpu"))[0].name == "torch:float32:nhwc:flash"
     assert parse_variants("torch:float16", torch.device("cuda"))[0].channels_last is True
     assert [v.name for v in parse_variants("compile:bfloat16:nchw, compile:bfloat16:nchw", torch.device("cuda"))] == [
         "compile:bfloat16:nchw"]
     gpu = default_variants(torch.device("cuda"))
     assert {v.backend for v in gpu} == {"torch", "compile"} and {v.dtype for v in gpu} == {"float16", "bfloat16"}
-    assert {v.channels_last for v in gpu} == {True, False}
+    assert {v.channels_last for v in gpu} == {True, False} and {v.attention for v in gpu} == {"auto", "math"}
     assert all(v.dtype == "float32" for v in default_variants(torch.device("cpu")))

@@ -1038,14 +1038,14 @@ def bench_all_command(
 @reports_usage_errors
 def bench_tune_command(
     preset: BenchPreset = "tiny", reps: BenchReps = 3, warmup: BenchWarmup = 1, device: BenchDevice = "auto",
-    variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated backend:dtype[:layout], e.g. torch:float16:nchw,compile:bfloat16:nhwc (default: a GPU sweep of eager/compile, float16/bfloat16, NCHW/NHWC; on the CPU, float32 NCHW and NHWC).")] = None,
+    variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated backend:dtype[:layout[:attention]], e.g. torch:float16:nchw,compile:bfloat16:nhwc:flash (default: a GPU sweep of eager/compile, float16/bfloat16, NCHW/NHWC, auto/math attention; on the CPU, float32 NCHW, NHWC and math attention).")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated pairs per UNet call.")] = "4,8,16",
     pairs: Annotated[Optional[int], typer.Option("--pairs", help="Pairs per timed repetition (default: twice the largest batch).")] = None,
     reference_pairs: Annotated[int, typer.Option("--reference-pairs", help="Pairs the reference pipeline renders per repetition.")] = 4,
     encode_workers: Annotated[int, typer.Option("--encode-workers", help="Threads that JPEG-encode images.")] = 4,
     json_out: BenchJson = None,
 ) -> None:
-    """Sweep backend, precision, memory layout and batch size end to end with masks, against the reference pipeline."""
+    """Sweep backend, precision, memory layout, attention kernel and batch size end to end with masks, against the reference pipeline."""
     import torch
 
     from magicseg_engine.bench.suite import headline
@@ -1071,9 +1071,13 @@ def bench_tune_command(
     result["headline"] = headline("tune", result)
     _write_bench_json(result, json_out)
     table = Table(title=f"bench tune: {preset} on {dev}")
-    for column in ("variant", "batch", "pairs/s", "UNet TFLOP/s", "of peak", "peak memory"):
-        table.add_column(column, justify="left" if column == "variant" else "right")
+    table.add_column("variant", no_wrap=True)
+    for column in ("batch", "pairs/s", "UNet TFLOP/s", "of peak", "peak memory"):
+        table.add_column(column, justify="right")
     for v in result["variants"]:
+        if "error" in v:  # the error itself was logged when the variant failed, and is in the JSON
+            table.add_row(v["variant"], "-", "failed", "", "", "")
+            continue
         frac, mem = v["unet"]["fraction_of_peak"], v["best"]["peak_memory_bytes"]
         table.add_row(v["variant"], str(v["best"]["batch_size"]), f"{v['best']['pairs_per_s']:.3g}",
                       f"{v['unet']['tflops_per_s']:.3g}", "-" if frac is None else f"{100 * frac:.1f}%",

@@ -1,9 +1,10 @@
 """The settings that decide GPU throughput, swept end to end against the reference pipeline.
 
 A variant is one way to run the same models: backend (eager `torch` or `compile`, which on a
-GPU adds CUDA graphs), precision, and the weights' memory layout (`nhwc`, channels-last, or
-`nchw`). For each variant the sweep builds the run's sampler and mask stage as `generate`
-would, then measures
+GPU adds CUDA graphs), precision, the weights' memory layout (`nhwc`, channels-last, or
+`nchw`), and the attention kernel scaled_dot_product_attention may use (`auto`, its own
+choice, or one of `flash`, `efficient`, `cudnn`, `math`). For each variant the sweep builds the
+run's sampler and mask stage as `generate` would, then measures
 
 - the UNet alone at the largest batch: rows/s, TFLOP/s and the fraction of the device's dense
   peak (the FLOP ceiling);
@@ -13,14 +14,18 @@ The reference pipeline (`bench.pipeline.reference_pipeline`: batch 1, independen
 detector and SAM one box at a time) runs once, eager and in the preset's precision, as the
 reference code ran. The result names the best variant and batch, its ratio over the
 reference, and whether the two aims were met: 20x end to end, half the ceiling in the UNet.
+A variant that fails (no kernel for that attention choice, out of memory, a compiler error)
+is recorded with its error and the sweep goes on.
 
-Written as `VARIANT` strings, `backend:dtype[:layout]`, e.g. `compile:bfloat16:nhwc`.
+Written as `VARIANT` strings, `backend:dtype[:layout[:attention]]`, e.g. `compile:bfloat16:nhwc:flash`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
+import logging
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,16 +39,20 @@ from magicseg_engine.bench.pipeline import engine_pipeline, reference_detector, 
 from magicseg_engine.bench.unet import unet_flops_per_row
 from magicseg_engine.errors import UsageError
 
+log = logging.getLogger(__name__)
+
 TUNED_BACKENDS = ("torch", "compile")
 DTYPES = ("float32", "float16", "bfloat16")
 LAYOUTS = {"nhwc": True, "nchw": False}
-# What the issue of throughput is judged by: end to end against the reference, and the UNet
-# against the FLOP ceiling.
+ATTENTION = ("auto", "flash", "efficient", "cudnn", "math")
+# The throughput aims: end to end against the reference pipeline, and the UNet against the
+# device's dense FLOP ceiling.
 AIM_END_TO_END_SPEEDUP = 20.0
 AIM_UNET_FRACTION_OF_PEAK = 0.5
 
-GPU_VARIANTS = ("torch:float16:nchw", "torch:float16:nhwc", "torch:bfloat16:nhwc", "compile:bfloat16:nhwc")
-CPU_VARIANTS = ("torch:float32:nchw", "torch:float32:nhwc")
+GPU_VARIANTS = ("torch:float16:nchw", "torch:float16:nhwc", "torch:bfloat16:nhwc", "torch:bfloat16:nhwc:math",
+                "compile:bfloat16:nhwc")
+CPU_VARIANTS = ("torch:float32:nchw", "torch:float32:nhwc", "torch:float32:nchw:math")
 
 
 @dataclass(frozen=True)
@@ -51,24 +60,38 @@ class Variant:
     backend: str
     dtype: str
     channels_last: bool
+    attention: str = "auto"
 
     @property
     def name(self) -> str:
-        return f"{self.backend}:{self.dtype}:{'nhwc' if self.channels_last else 'nchw'}"
+        name = f"{self.backend}:{self.dtype}:{'nhwc' if self.channels_last else 'nchw'}"
+        return name if self.attention == "auto" else f"{name}:{self.attention}"
+
+
+def attention_kernels(choice: str):
+    """A context in which scaled_dot_product_attention may use only the `choice` kernel."""
+    if choice == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[choice])
 
 
 def parse_variants(text: str, device: torch.device) -> list[Variant]:
-    """`backend:dtype[:layout]` items separated by commas; a missing layout is NHWC on a GPU,
-    NCHW on the CPU (what `generate` uses there)."""
+    """`backend:dtype[:layout[:attention]]` items separated by commas; a missing layout is NHWC
+    on a GPU, NCHW on the CPU (what `generate` uses there); a missing attention is `auto`."""
     variants = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
         fields = item.split(":")
-        if len(fields) not in (2, 3):
-            raise UsageError(f"--variants {item!r}: write backend:dtype[:layout], e.g. compile:bfloat16:nhwc")
+        if len(fields) not in (2, 3, 4):
+            raise UsageError(f"--variants {item!r}: write backend:dtype[:layout[:attention]], "
+                             "e.g. compile:bfloat16:nhwc")
         backend, dtype = fields[0], fields[1]
-        layout = fields[2] if len(fields) == 3 else ("nhwc" if device.type == "cuda" else "nchw")
+        layout = fields[2] if len(fields) >= 3 else ("nhwc" if device.type == "cuda" else "nchw")
+        attention = fields[3] if len(fields) == 4 else "auto"
         if backend not in TUNED_BACKENDS:
             raise UsageError(f"--variants {item!r}: backend must be one of {', '.join(TUNED_BACKENDS)} "
                              "(exported backends are measured by `bench backends`)")
@@ -76,9 +99,11 @@ def parse_variants(text: str, device: torch.device) -> list[Variant]:
             raise UsageError(f"--variants {item!r}: dtype must be one of {', '.join(DTYPES)}")
         if layout not in LAYOUTS:
             raise UsageError(f"--variants {item!r}: layout must be nhwc or nchw")
+        if attention not in ATTENTION:
+            raise UsageError(f"--variants {item!r}: attention must be one of {', '.join(ATTENTION)}")
         if dtype != "float32" and device.type != "cuda":
             raise UsageError(f"--variants {item!r}: {dtype} runs only on a GPU; use float32 variants on {device}")
-        variants.append(Variant(backend, dtype, LAYOUTS[layout]))
+        variants.append(Variant(backend, dtype, LAYOUTS[layout], attention))
     if not variants:
         raise UsageError("--variants is empty: name at least one, e.g. torch:float32")
     return list(dict.fromkeys(variants))
@@ -89,12 +114,10 @@ def default_variants(device: torch.device) -> list[Variant]:
 
 
 def sdpa_backends() -> dict:
-    """Which fused attention kernels torch may pick for the UNet's attention on this machine."""
-    if not torch.cuda.is_available():
-        return {"flash": False, "mem_efficient": False, "cudnn": False, "note": "no GPU: the math kernel runs"}
+    """The attention kernels torch's settings allow where a variant says `auto`."""
     b = torch.backends.cuda
     return {"flash": b.flash_sdp_enabled(), "mem_efficient": b.mem_efficient_sdp_enabled(),
-            "cudnn": b.cudnn_sdp_enabled()}
+            "cudnn": b.cudnn_sdp_enabled(), "math": b.math_sdp_enabled()}
 
 
 def _release(device: torch.device) -> None:
@@ -120,21 +143,26 @@ def _measure_variant(preset: str, device: torch.device, variant: Variant, record
     config, sampler, masks = _build(preset, device, variant, seed)
     flops = unet_flops_per_row(sampler)
     rows = 4 * max(batch_sizes)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    unet = summarise(unet_step_times(sampler, rows, warmup, reps))
-    tflops = rows * flops / unet["median_s"] / 1e12
-    unet.update(rows=rows, rows_per_s=rows / unet["median_s"], tflops_per_s=tflops,
-                fraction_of_peak=tflops / peak_tflops if peak_tflops else None,
-                peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
-    by_batch = []
-    for b in batch_sizes:
-        timing = timed(lambda rep, b=b: engine_pipeline(config, sampler, masks, records, fresh(), b,
-                                                        encode_workers), device, reps, warmup)
-        by_batch.append({"batch_size": b, **timing, "pairs_per_s": len(records) / timing["median_s"]})
-    return {"variant": variant.name, "backend": variant.backend, "dtype": variant.dtype,
-            "channels_last": variant.channels_last, "flops_per_row": flops, "unet": unet,
+    with attention_kernels(variant.attention):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        unet = summarise(unet_step_times(sampler, rows, warmup, reps))
+        tflops = rows * flops / unet["median_s"] / 1e12
+        unet.update(rows=rows, rows_per_s=rows / unet["median_s"], tflops_per_s=tflops,
+                    fraction_of_peak=tflops / peak_tflops if peak_tflops else None,
+                    peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+        by_batch = []
+        for b in batch_sizes:
+            timing = timed(lambda rep, b=b: engine_pipeline(config, sampler, masks, records, fresh(), b,
+                                                            encode_workers), device, reps, warmup)
+            by_batch.append({"batch_size": b, **timing, "pairs_per_s": len(records) / timing["median_s"]})
+    return {**_describe(variant), "flops_per_row": flops, "unet": unet,
             "pipeline": by_batch, "best": max(by_batch, key=lambda r: r["pairs_per_s"])}
+
+
+def _describe(variant: Variant) -> dict:
+    return {"variant": variant.name, "backend": variant.backend, "dtype": variant.dtype,
+            "channels_last": variant.channels_last, "attention": variant.attention}
 
 
 def _measure_reference(preset: str, device: torch.device, records: Sequence, seed: int, warmup: int, reps: int,
@@ -173,14 +201,22 @@ def bench_tune(preset: str, device: torch.device, variants: Sequence[Variant], r
         if on_step:
             on_step("reference")
         for variant in variants:
-            measured.append(_measure_variant(preset, device, variant, records, seed, batch_sizes, encode_workers,
-                                             warmup, reps, fresh, peak))
+            try:
+                measured.append(_measure_variant(preset, device, variant, records, seed, batch_sizes,
+                                                 encode_workers, warmup, reps, fresh, peak))
+            except Exception as err:  # one variant's failure must not cost the rest of a long sweep
+                first_line = (str(err).strip().splitlines() or [""])[0]
+                log.warning("variant %s failed: %s: %s", variant.name, type(err).__name__, first_line)
+                measured.append({**_describe(variant), "error": f"{type(err).__name__}: {first_line}"})
             _release(device)
             if on_step:
                 on_step(variant.name)
-    best_variant = max(measured, key=lambda v: v["best"]["pairs_per_s"])
+    ran = [v for v in measured if "error" not in v]
+    if not ran:
+        raise UsageError("every variant failed: " + "; ".join(f"{v['variant']}: {v['error']}" for v in measured))
+    best_variant = max(ran, key=lambda v: v["best"]["pairs_per_s"])
     best = {"variant": best_variant["variant"], **best_variant["best"]}
-    fastest_unet = max(measured, key=lambda v: v["unet"]["tflops_per_s"])
+    fastest_unet = max(ran, key=lambda v: v["unet"]["tflops_per_s"])
     speedup = best["pairs_per_s"] / reference["pairs_per_s"]
     fraction = fastest_unet["unet"]["fraction_of_peak"]
     return {
