@@ -9,6 +9,8 @@ unet-capture export on the steps the capture reads, which computes the same maps
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,8 @@ from magicseg_engine.errors import UsageError
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
 # Backends that run files written by build-engines, from --engines DIR.
 EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
+# The kernels scaled_dot_product_attention may be held to in the UNet; "auto" lets it choose.
+ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
 
 
 @dataclass
@@ -277,3 +281,52 @@ def make_runners(backend: str, models, engines: Path | None = None, latent_shape
             return onnxruntime_runners(models, engines, latent_shape, capture)
         return tensorrt_runners(models, engines, latent_shape, capture)
     raise UsageError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+
+
+def attention_kernels(choice: str):
+    """A context in which scaled_dot_product_attention uses only the `choice` kernel."""
+    if choice == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[choice])
+
+
+def _attention_shapes(unet) -> set[tuple[int, int]]:
+    """(heads, head size) of every attention layer of the UNet."""
+    from diffusers.models.attention_processor import Attention
+
+    return {(m.heads, m.inner_dim // m.heads) for m in unet.modules() if isinstance(m, Attention)}
+
+
+def with_attention_kernel(runners: DiffusionRunners, models, choice: str) -> DiffusionRunners:
+    """`runners` whose UNet calls use only the `choice` attention kernel; only the UNet, since the
+    VAE's single wide head (512 in SD 1.x) is beyond what the fused kernels take.
+
+    The kernel is tried first on every head shape of the UNet in its dtype and device, so a
+    choice the machine lacks is a usage error before any work, not a failure mid-run.
+    """
+    if choice not in ATTENTION_KERNELS:
+        raise UsageError(f"unknown attention kernel {choice!r}; choose one of: {', '.join(ATTENTION_KERNELS)}")
+    if choice == "auto":
+        return runners
+    if runners.backend not in ("torch", "compile"):
+        raise UsageError(f"--attention {choice} holds torch's attention to one kernel, and --backend "
+                         f"{runners.backend} does not run torch's attention; use --attention auto")
+    param = next(models.unet.parameters())
+    for heads, size in sorted(_attention_shapes(models.unet)):
+        q = torch.zeros(1, heads, 64, size, device=param.device, dtype=param.dtype)
+        try:
+            with attention_kernels(choice):
+                torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        except RuntimeError:
+            raise UsageError(f"--attention {choice}: torch has no {choice} attention kernel for {size}-wide heads "
+                             f"in {param.dtype} on {param.device}; use --attention auto") from None
+    predict = runners.predict_noise
+
+    def predict_noise(x, t, ctx):
+        with attention_kernels(choice):
+            return predict(x, t, ctx)
+
+    return dataclasses.replace(runners, predict_noise=predict_noise)

@@ -1,10 +1,13 @@
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from magicseg_engine.cli import app
 from magicseg_engine.config import load_preset
-from magicseg_engine.engine.backends import make_runners, torch_runners
+from magicseg_engine.engine.backends import make_runners, torch_runners, with_attention_kernel
 from magicseg_engine.errors import UsageError
 from magicseg_engine.generate.sampler import PairedSampler
 from magicseg_engine.pipeline import build_sampler
@@ -46,6 +49,51 @@ def test_compile_with_cuda_graphs_keeps_outputs_across_calls():
         assert np.abs(a.positives.astype(int) - b.positives.astype(int)).max() <= 2
         assert np.abs(a.negatives.astype(int) - b.negatives.astype(int)).max() <= 2
         assert not np.array_equal(a.positives[0], a.positives[1])
+
+
+def test_attention_kernel_is_held_in_the_unet_calls_only(sampler):
+    import torch
+
+    seen = []
+    unet_forward = sampler.models.unet.forward
+
+    def recording(*args, **kwargs):
+        seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+        return unet_forward(*args, **kwargs)
+
+    math_only = PairedSampler(sampler.models, sampler.settings, sampler.device, sampler.dtype,
+                              runners=with_attention_kernel(sampler.runners, sampler.models, "math"))
+    sampler.models.unet.forward = recording
+    try:
+        a = math_only(["a dog on a beach"], ["nothing on a beach"], [3])
+    finally:
+        del sampler.models.unet.forward
+    assert seen and all(flags == (False, True) for flags in seen)  # flash off, math on, in every UNet call
+    assert torch.backends.cuda.flash_sdp_enabled()  # and as it was outside them
+    b = sampler(["a dog on a beach"], ["nothing on a beach"], [3])
+    assert np.abs(a.positives.astype(int) - b.positives.astype(int)).max() <= 2
+    assert with_attention_kernel(sampler.runners, sampler.models, "auto") is sampler.runners
+
+
+def test_an_attention_kernel_the_machine_lacks_is_refused_before_any_work(sampler):
+    # This CPU build has no memory-efficient kernel; the probe finds out on the UNet's own head sizes.
+    with pytest.raises(UsageError, match="no efficient attention kernel for .*-wide heads in torch.float32 on cpu"):
+        with_attention_kernel(sampler.runners, sampler.models, "efficient")
+    exported = dataclasses.replace(sampler.runners, backend="onnxruntime")
+    with pytest.raises(UsageError, match="--backend onnxruntime does not run torch's attention"):
+        with_attention_kernel(exported, sampler.models, "math")
+
+
+def test_cli_attention_and_layout_reach_the_run(tmp_path):
+    out = tmp_path / "r"
+    bad = CliRunner().invoke(app, ["generate", "--classes", "voc", "--num-pairs", "1", "--out", str(out),
+                                   "--device", "cpu", "--attention", "efficient"])
+    assert bad.exit_code == 2 and "--attention efficient" in bad.stderr and not out.exists()
+    ok = CliRunner().invoke(app, ["generate", "--classes", "voc", "--num-pairs", "1", "--out", str(out), "--no-sam",
+                                  "--device", "cpu", "--attention", "math", "--channels-last"])
+    assert ok.exit_code == 0, ok.output
+    session = json.loads((out / "run.json").read_text())["sessions"][-1]
+    assert (session["attention"], session["channels_last"]) == ("math", True)
 
 
 def test_unknown_backend_is_refused_before_loading():

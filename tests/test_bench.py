@@ -192,9 +192,9 @@ def test_tune_sweeps_variants_and_batch_sizes_against_the_reference(tmp_path, mo
     built = []
     real_build = pipeline.build_sampler
 
-    def recording_build(config, device, backend="torch", engines=None, channels_last=None):
-        built.append((backend, config.diffusion.dtype, channels_last))
-        return real_build(config, device, backend, engines, channels_last)
+    def recording_build(config, device, backend="torch", engines=None, channels_last=None, attention="auto"):
+        built.append((backend, config.diffusion.dtype, channels_last, attention))
+        return real_build(config, device, backend, engines, channels_last, attention)
 
     monkeypatch.setattr(pipeline, "build_sampler", recording_build)
     out = tmp_path / "tune.json"
@@ -206,12 +206,13 @@ def test_tune_sweeps_variants_and_batch_sizes_against_the_reference(tmp_path, mo
                                       "--warmup", "0", "--json", str(out)])
     assert result.exit_code == 0, result.output
     # The reference first (eager, NCHW, the preset's precision), then each variant as asked.
-    assert built == [("torch", "float32", False), ("torch", "float32", False), ("torch", "float32", False),
-                     ("torch", "float32", True)]
+    assert built == [("torch", "float32", False, "auto"), ("torch", "float32", False, "math"),
+                     ("torch", "float32", False, "efficient"), ("torch", "float32", True, "auto")]
     data = json.loads(out.read_text())
     assert [v["variant"] for v in data["variants"]] == variants.split(",")
     failed = data["variants"].pop(1)
-    assert failed["attention"] == "efficient" and "error" in failed and "pipeline" not in failed
+    assert failed["attention"] == "efficient" and "pipeline" not in failed
+    assert failed["error"].startswith("UsageError: --attention efficient: torch has no efficient attention kernel")
     assert [v["attention"] for v in data["variants"]] == ["math", "auto"]
     ref = data["reference"]
     assert ref["pairs"] == 1 and ref["pairs_per_s"] == pytest.approx(1 / ref["median_s"])
@@ -225,6 +226,10 @@ def test_tune_sweeps_variants_and_batch_sizes_against_the_reference(tmp_path, mo
         assert unet["fraction_of_peak"] is None  # no known ceiling for a CPU
     best = max(data["variants"], key=lambda v: v["best"]["pairs_per_s"])
     assert data["best"]["variant"] == best["variant"] and data["best"]["pairs_per_s"] == best["best"]["pairs_per_s"]
+    flags = {"torch:float32:nchw:math": "--backend torch --dtype float32 --no-channels-last --attention math",
+             "torch:float32:nhwc": "--backend torch --dtype float32 --channels-last --attention auto"}
+    assert data["best"]["generate_flags"] == f"{flags[best['variant']]} --batch-size {best['best']['batch_size']}"
+    assert data["best"]["generate_flags"] in " ".join(result.stderr.split())
     assert data["speedup"] == pytest.approx(data["best"]["pairs_per_s"] / ref["pairs_per_s"])
     aims = data["aims"]
     assert aims["end_to_end_speedup"]["met"] == (data["speedup"] >= 20.0)

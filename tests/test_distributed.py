@@ -153,6 +153,23 @@ def worker(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
+def test_a_worker_builds_its_models_with_the_runs_layout_and_attention_kernel(tmp_path):
+    model_id = model_identity(TINY.diffusion, "cpu", seed=TINY.seed)
+    common = dict(out=str(tmp_path), config=TINY.model_dump(mode="json"), model_id=model_id, batch_size=2,
+                  samples_per_shard=6, encode_workers=1, jpeg_quality=95, backend="torch", engines=None,
+                  use_gpu=False, cpu_threads=1)
+    threads = torch.get_num_threads()
+    try:
+        nhwc = ShardWorker(**common, channels_last=True, attention="math")
+        assert nhwc.problem is None and nhwc.sampler.models.channels_last
+        assert (nhwc.options.channels_last, nhwc.options.attention) == (True, "math")
+        # This CPU has no memory-efficient kernel: the worker reports it as a problem row, not a crash.
+        lacking = ShardWorker(**common, attention="efficient")
+        assert "--attention efficient" in lacking.problem
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_retried_shard_renders_only_the_pairs_no_shard_holds(tmp_path, worker):
     recs = records(6)
     start_run(tmp_path, TINY, recs)
@@ -292,13 +309,14 @@ def test_two_workers_one_killed_mid_shard_give_each_pair_once_with_single_proces
 def test_generate_ray_command_writes_a_resumable_run(tmp_path, local_ray):
     out = tmp_path / "run"
     base = ["generate", "--ray", "--workers", 1, "--num-gpus-per-worker", 0, "--classes", "voc", "--num-pairs", 4,
-            "--seed", 2, "--batch-size", 2, "--samples-per-shard", 2, "--out", out]
+            "--seed", 2, "--batch-size", 2, "--samples-per-shard", 2, "--out", out, "--attention", "math"]
     result = invoke(*base)
     assert result.exit_code == 0, result.output
     assert "4 pairs generated on 1 Ray worker," in result.stderr and "pairs/s" in result.stderr
     assert len(finished_keys(out)) == 4 and len(list((out / "shards").glob("*.tar"))) == 2
     session = json.loads((out / "run.json").read_text())["sessions"][-1]
     assert session["ray"] is True and session["workers"] == 1 and session["generated"] == 4
+    assert session["attention"] == "math"
     # The run is an ordinary run: a single-process resume finds nothing left to do.
     result = invoke(*base[:1], *base[6:], "--resume", "--device", "cpu")
     assert result.exit_code == 0, result.output

@@ -120,6 +120,14 @@ def doctor(
     stdout.print(table)
 
 
+class AttentionKernel(str, Enum):
+    auto = "auto"
+    flash = "flash"
+    efficient = "efficient"
+    cudnn = "cudnn"
+    math = "math"
+
+
 class MaskSource(str, Enum):
     attention = "attention"
     detector = "detector"
@@ -254,6 +262,8 @@ def generate(
     drop_failed_pairs: Annotated[bool, typer.Option("--drop-failed-pairs", help="Drop pairs that fail the counterfactual check instead of flagging them.")] = False,
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "torch",
     engines: Annotated[Optional[Path], typer.Option("--engines", help=ENGINES_HELP)] = None,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="NHWC UNet and VAE weights (default: on a GPU only).")] = None,
+    attention: Annotated[AttentionKernel, typer.Option("--attention", help="Hold the UNet's attention to one kernel of torch's scaled_dot_product_attention (torch and compile backends); auto lets torch choose. `bench tune` measures each.")] = AttentionKernel.auto,
     detector_model: Annotated[Optional[str], typer.Option("--detector-model", help="Grounding DINO folder or hub id (tiny: random, for tests).")] = None,
     box_threshold: Annotated[Optional[float], typer.Option("--box-threshold", help="Detector box threshold.")] = None,
     text_threshold: Annotated[Optional[float], typer.Option("--text-threshold", help="Detector text threshold.")] = None,
@@ -317,21 +327,23 @@ def generate(
     if use_ray:
         _generate_on_ray(out, config, plan, ray_address, ray_timeout, workers, num_gpus_per_worker,
                          cpus_per_worker, ExecutionOptions(batch_size=batch_size, samples_per_shard=samples_per_shard,
-                                                           encode_workers=encode_workers), backend, engines)
+                                                           encode_workers=encode_workers, channels_last=channels_last,
+                                                           attention=attention.value), backend, engines)
         return
     # Models load before the run directory is touched, so a bad --model leaves nothing behind.
-    sampler = build_sampler(config, device, backend, engines)
+    sampler = build_sampler(config, device, backend, engines, channels_last, attention.value)
     masks = build_mask_stage(config, sampler, engines)
     if plan.fresh:
         start_run(out, config, plan.records)
     records = plan.records
 
     options = ExecutionOptions(device=device, batch_size=batch_size, samples_per_shard=samples_per_shard,
-                               encode_workers=encode_workers)
+                               encode_workers=encode_workers, channels_last=channels_last, attention=attention.value)
     with progress_bar(transient=False) as bar:
         advance = resumable_progress(bar, f"generate ({config.preset})", "pairs")
         summary = generate_pairs(out, config, records, sampler, options, progress=advance, masks=masks)
-    record_summary(out, summary, {"device": device, "batch_size": batch_size, "backend": backend})
+    record_summary(out, summary, {"device": device, "batch_size": batch_size, "backend": backend,
+                                  "channels_last": sampler.models.channels_last, "attention": attention.value})
     checked = ""
     if masks is not None:
         verb = "dropped" if config.masks.drop_failed_pairs else "flagged"
@@ -396,7 +408,8 @@ def _generate_on_ray(out: Path, config, plan, address: Optional[str], timeout_s:
     record_summary(out, summary, {"ray": True, "workers": workers, "gpus_per_worker": gpus_per_worker,
                                   "render_seconds": round(result.render_seconds, 3),
                                   "cpus_per_worker": cpus_per_worker, "batch_size": execution.batch_size,
-                                  "backend": backend, "nodes": resources.nodes})
+                                  "backend": backend, "attention": execution.attention,
+                                  "channels_last": execution.channels_last, "nodes": resources.nodes})
     if result.workers:
         table = Table(title="Ray workers")
         for column in ("worker", "node", "shards", "pairs", "pairs/s"):
@@ -1085,6 +1098,8 @@ def bench_tune_command(
     table.add_row("reference", "1", f"{result['reference']['pairs_per_s']:.3g}", "", "", "")
     stderr.print(table)
     stderr.print(_headline_table([result["headline"]], "bench tune"))
+    stderr.print(f"fastest here: magicseg-engine generate --preset {preset} {result['best']['generate_flags']} ...",
+                 highlight=False)
 
 
 def _resolve_device(device: str) -> str:

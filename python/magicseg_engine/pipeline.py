@@ -31,7 +31,7 @@ from magicseg_engine.atomic import atomic_write_text, check_writable_dir
 from magicseg_engine.config import RunConfig, library_versions
 from magicseg_engine.data.encoding import encode_jpeg, encode_png
 from magicseg_engine.data.shards import MANIFEST, SHARDS_DIR, ShardWriter, finished_keys, iter_samples, sample_key
-from magicseg_engine.engine.backends import BACKENDS, make_runners, make_sam_runners
+from magicseg_engine.engine.backends import BACKENDS, make_runners, make_sam_runners, with_attention_kernel
 from magicseg_engine.errors import UsageError
 from magicseg_engine.generate.attention import AttentionCapture
 from magicseg_engine.generate.models import load_diffusion, resolve_dtype
@@ -59,6 +59,10 @@ class ExecutionOptions:
     encode_workers: int = 4
     jpeg_quality: int = 95
     writer_id: str = "0"
+    # Read where the models are built (`build_sampler`): NHWC weights (None: on a GPU) and the
+    # UNet's attention kernel ("auto": torch's choice).
+    channels_last: bool | None = None
+    attention: str = "auto"
 
 
 @dataclass
@@ -323,11 +327,13 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 
 def build_sampler(config: RunConfig, device: str | torch.device, backend: str = "torch",
-                  engines: Path | None = None, channels_last: bool | None = None) -> PairedSampler:
+                  engines: Path | None = None, channels_last: bool | None = None,
+                  attention: str = "auto") -> PairedSampler:
     """Load the run's diffusion models and wrap them in a paired sampler running on `backend`.
 
-    `channels_last` (NHWC UNet and VAE weights) defaults to on for a GPU; benchmarks turn it off
-    to measure what it buys.
+    `channels_last` (NHWC UNet and VAE weights) defaults to on for a GPU. `attention` holds the
+    UNet's attention to one kernel of torch's scaled_dot_product_attention ("auto": its choice).
+    Neither changes what a sample shows; `bench tune` measures what each buys.
     """
     check_model_settings(config)
     if backend not in BACKENDS:
@@ -340,6 +346,7 @@ def build_sampler(config: RunConfig, device: str | torch.device, backend: str = 
                                 scheduler=d.scheduler, independent_noise=d.independent_noise)
     latent_shape = (models.latent_channels, d.height // models.vae_scale_factor, d.width // models.vae_scale_factor)
     runners = make_runners(backend, models, engines, latent_shape, capture=config.masks.source != "none")
+    runners = with_attention_kernel(runners, models, attention)
     return PairedSampler(models, settings, device, dtype, runners=runners)
 
 

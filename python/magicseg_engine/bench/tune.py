@@ -22,7 +22,6 @@ Written as `VARIANT` strings, `backend:dtype[:layout[:attention]]`, e.g. `compil
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import itertools
 import logging
@@ -37,6 +36,7 @@ from magicseg_engine.bench.common import dense_peak_tflops, environment, summari
 from magicseg_engine.bench.generate import unet_step_times
 from magicseg_engine.bench.pipeline import engine_pipeline, reference_detector, reference_pipeline
 from magicseg_engine.bench.unet import unet_flops_per_row
+from magicseg_engine.engine.backends import ATTENTION_KERNELS
 from magicseg_engine.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 TUNED_BACKENDS = ("torch", "compile")
 DTYPES = ("float32", "float16", "bfloat16")
 LAYOUTS = {"nhwc": True, "nchw": False}
-ATTENTION = ("auto", "flash", "efficient", "cudnn", "math")
 # The throughput aims: end to end against the reference pipeline, and the UNet against the
 # device's dense FLOP ceiling.
 AIM_END_TO_END_SPEEDUP = 20.0
@@ -67,15 +66,11 @@ class Variant:
         name = f"{self.backend}:{self.dtype}:{'nhwc' if self.channels_last else 'nchw'}"
         return name if self.attention == "auto" else f"{name}:{self.attention}"
 
-
-def attention_kernels(choice: str):
-    """A context in which scaled_dot_product_attention may use only the `choice` kernel."""
-    if choice == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[choice])
+    def generate_flags(self, batch_size: int) -> str:
+        """The `magicseg-engine generate` options that run this variant at `batch_size`."""
+        layout = "--channels-last" if self.channels_last else "--no-channels-last"
+        return (f"--backend {self.backend} --dtype {self.dtype} {layout} --attention {self.attention} "
+                f"--batch-size {batch_size}")
 
 
 def parse_variants(text: str, device: torch.device) -> list[Variant]:
@@ -99,8 +94,8 @@ def parse_variants(text: str, device: torch.device) -> list[Variant]:
             raise UsageError(f"--variants {item!r}: dtype must be one of {', '.join(DTYPES)}")
         if layout not in LAYOUTS:
             raise UsageError(f"--variants {item!r}: layout must be nhwc or nchw")
-        if attention not in ATTENTION:
-            raise UsageError(f"--variants {item!r}: attention must be one of {', '.join(ATTENTION)}")
+        if attention not in ATTENTION_KERNELS:
+            raise UsageError(f"--variants {item!r}: attention must be one of {', '.join(ATTENTION_KERNELS)}")
         if dtype != "float32" and device.type != "cuda":
             raise UsageError(f"--variants {item!r}: {dtype} runs only on a GPU; use float32 variants on {device}")
         variants.append(Variant(backend, dtype, LAYOUTS[layout], attention))
@@ -133,7 +128,8 @@ def _build(preset: str, device: torch.device, variant: Variant, seed: int):
     from magicseg_engine.pipeline import build_mask_stage, build_sampler
 
     config = load_preset(preset, {"seed": seed, "diffusion": {"dtype": variant.dtype}})
-    sampler = build_sampler(config, str(device), variant.backend, channels_last=variant.channels_last)
+    sampler = build_sampler(config, str(device), variant.backend, channels_last=variant.channels_last,
+                            attention=variant.attention)
     return config, sampler, build_mask_stage(config, sampler)
 
 
@@ -143,19 +139,18 @@ def _measure_variant(preset: str, device: torch.device, variant: Variant, record
     config, sampler, masks = _build(preset, device, variant, seed)
     flops = unet_flops_per_row(sampler)
     rows = 4 * max(batch_sizes)
-    with attention_kernels(variant.attention):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        unet = summarise(unet_step_times(sampler, rows, warmup, reps))
-        tflops = rows * flops / unet["median_s"] / 1e12
-        unet.update(rows=rows, rows_per_s=rows / unet["median_s"], tflops_per_s=tflops,
-                    fraction_of_peak=tflops / peak_tflops if peak_tflops else None,
-                    peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
-        by_batch = []
-        for b in batch_sizes:
-            timing = timed(lambda rep, b=b: engine_pipeline(config, sampler, masks, records, fresh(), b,
-                                                            encode_workers), device, reps, warmup)
-            by_batch.append({"batch_size": b, **timing, "pairs_per_s": len(records) / timing["median_s"]})
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    unet = summarise(unet_step_times(sampler, rows, warmup, reps))
+    tflops = rows * flops / unet["median_s"] / 1e12
+    unet.update(rows=rows, rows_per_s=rows / unet["median_s"], tflops_per_s=tflops,
+                fraction_of_peak=tflops / peak_tflops if peak_tflops else None,
+                peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+    by_batch = []
+    for b in batch_sizes:
+        timing = timed(lambda rep, b=b: engine_pipeline(config, sampler, masks, records, fresh(), b,
+                                                        encode_workers), device, reps, warmup)
+        by_batch.append({"batch_size": b, **timing, "pairs_per_s": len(records) / timing["median_s"]})
     return {**_describe(variant), "flops_per_row": flops, "unet": unet,
             "pipeline": by_batch, "best": max(by_batch, key=lambda r: r["pairs_per_s"])}
 
@@ -215,7 +210,9 @@ def bench_tune(preset: str, device: torch.device, variants: Sequence[Variant], r
     if not ran:
         raise UsageError("every variant failed: " + "; ".join(f"{v['variant']}: {v['error']}" for v in measured))
     best_variant = max(ran, key=lambda v: v["best"]["pairs_per_s"])
-    best = {"variant": best_variant["variant"], **best_variant["best"]}
+    chosen = next(v for v in variants if v.name == best_variant["variant"])
+    best = {"variant": best_variant["variant"], **best_variant["best"],
+            "generate_flags": chosen.generate_flags(best_variant["best"]["batch_size"])}
     fastest_unet = max(ran, key=lambda v: v["unet"]["tflops_per_s"])
     speedup = best["pairs_per_s"] / reference["pairs_per_s"]
     fraction = fastest_unet["unet"]["fraction_of_peak"]

@@ -62,7 +62,8 @@ class ShardWorker:
 
     def __init__(self, out: str, config: dict, model_id: str, batch_size: int, samples_per_shard: int,
                  encode_workers: int, jpeg_quality: int, backend: str, engines: str | None,
-                 use_gpu: bool, cpu_threads: int, board=None) -> None:
+                 use_gpu: bool, cpu_threads: int, board=None, channels_last: bool | None = None,
+                 attention: str = "auto") -> None:
         import torch
 
         from magicseg_engine.config import RunConfig
@@ -81,12 +82,13 @@ class ShardWorker:
         device = "cuda" if use_gpu else "cpu"
         self.options = ExecutionOptions(device=device, batch_size=batch_size, samples_per_shard=samples_per_shard,
                                         encode_workers=encode_workers, jpeg_quality=jpeg_quality,
-                                        writer_id=self.writer_id)
+                                        writer_id=self.writer_id, channels_last=channels_last, attention=attention)
         try:
             if use_gpu and not torch.cuda.is_available():
                 raise UsageError(f"Ray gave worker {self.writer_id} on {self.node} a GPU but torch sees none there; "
                                  "install a CUDA build of torch on that node")
-            self.sampler = build_sampler(self.config, device, backend, Path(engines) if engines else None)
+            self.sampler = build_sampler(self.config, device, backend, Path(engines) if engines else None,
+                                         channels_last=channels_last, attention=attention)
             self.masks = build_mask_stage(self.config, self.sampler, Path(engines) if engines else None)
             if self.sampler.models.model_id != model_id:
                 # Sample keys hash the model id: a node with other weights would write other keys.

@@ -180,6 +180,12 @@ class DiffusionModels:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether the UNet's convolution weights are stored NHWC."""
+        conv = next(m for m in self.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+        return conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+
 
 def make_scheduler(name: str, scheduler_config: dict):
     """A fresh diffusers scheduler `name` with the model's noise schedule; all deterministic."""
