@@ -316,7 +316,7 @@ def test_generate_ray_command_writes_a_resumable_run(tmp_path, local_ray):
     assert len(finished_keys(out)) == 4 and len(list((out / "shards").glob("*.tar"))) == 2
     session = json.loads((out / "run.json").read_text())["sessions"][-1]
     assert session["ray"] is True and session["workers"] == 1 and session["generated"] == 4
-    assert session["attention"] == "math"
+    assert session["attention"] == "math" and session["channels_last"] is False  # CPU workers: NCHW
     # The run is an ordinary run: a single-process resume finds nothing left to do.
     result = invoke(*base[:1], *base[6:], "--resume", "--device", "cpu")
     assert result.exit_code == 0, result.output

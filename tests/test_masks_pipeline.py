@@ -254,7 +254,7 @@ def test_device_half_then_host_half_gives_what_one_call_gives(tiny_stage, sam):
     import torch
 
     from magicseg_engine.kernels.mask_extract import extract_masks
-    from magicseg_engine.masks.annotate import class_validity, counterfactual_coverage
+    from magicseg_engine.masks.annotate import class_validity, counterfactual_above, coverage_inside
     from magicseg_engine.pipeline import MaskStage, PendingAnnotations
 
     config, sampler, stage, records = tiny_stage
@@ -284,12 +284,12 @@ def test_device_half_then_host_half_gives_what_one_call_gives(tiny_stage, sam):
     for note, names, pair_maps in zip(finished, classes, maps):
         assert note.maps.device.type == "cpu" and torch.equal(note.maps, pair_maps[:, : len(names)])
     assert all(note.maps is None for note in whole)
-    # The coverage counted on the host equals the one computed in one go on the final masks.
+    # The coverage counted on the host equals the coverage of the final masks recomputed from the maps.
     thresholds = extract_masks(maps[:, 0].float(), class_validity(maps, classes), (H, W),
                                config.masks.threshold, config.masks.positive_points,
                                config.masks.negative_points).thresholds
     final = torch.from_numpy(np.stack([n.label_map for n in whole]))[:, None] == torch.arange(1, C + 1)[None, :, None, None]
-    coverage = counterfactual_coverage(maps, thresholds, final)
+    coverage = coverage_inside(counterfactual_above(maps, thresholds, (H, W)), final)
     for b, note in enumerate(finished):
         assert [c["counterfactual_coverage"] for c in note.classes] == [
             round(float(coverage[b, c]), 4) for c in range(len(classes[b]))]

@@ -324,26 +324,24 @@ def generate(
     elif not resume:
         raise UsageError("say what to render: --classes NAME|FILE with --num-pairs N, or --prompts FILE")
     plan = open_run(out, config, records, resume, overwrite)
+    options = ExecutionOptions(device=device, batch_size=batch_size, samples_per_shard=samples_per_shard,
+                               encode_workers=encode_workers, channels_last=channels_last, attention=attention.value)
     if use_ray:
         _generate_on_ray(out, config, plan, ray_address, ray_timeout, workers, num_gpus_per_worker,
-                         cpus_per_worker, ExecutionOptions(batch_size=batch_size, samples_per_shard=samples_per_shard,
-                                                           encode_workers=encode_workers, channels_last=channels_last,
-                                                           attention=attention.value), backend, engines)
+                         cpus_per_worker, options, backend, engines)
         return
     # Models load before the run directory is touched, so a bad --model leaves nothing behind.
-    sampler = build_sampler(config, device, backend, engines, channels_last, attention.value)
+    sampler = build_sampler(config, device, backend, engines, options.channels_last, options.attention)
     masks = build_mask_stage(config, sampler, engines)
     if plan.fresh:
         start_run(out, config, plan.records)
     records = plan.records
 
-    options = ExecutionOptions(device=device, batch_size=batch_size, samples_per_shard=samples_per_shard,
-                               encode_workers=encode_workers, channels_last=channels_last, attention=attention.value)
     with progress_bar(transient=False) as bar:
         advance = resumable_progress(bar, f"generate ({config.preset})", "pairs")
         summary = generate_pairs(out, config, records, sampler, options, progress=advance, masks=masks)
     record_summary(out, summary, {"device": device, "batch_size": batch_size, "backend": backend,
-                                  "channels_last": sampler.models.channels_last, "attention": attention.value})
+                                  "channels_last": sampler.models.channels_last, "attention": options.attention})
     checked = ""
     if masks is not None:
         verb = "dropped" if config.masks.drop_failed_pairs else "flagged"
@@ -371,10 +369,12 @@ def _generate_on_ray(out: Path, config, plan, address: Optional[str], timeout_s:
                      workers: Optional[int], gpus_per_worker: Optional[float], cpus_per_worker: Optional[int],
                      execution, backend: str, engines: Optional[Path]) -> None:
     """`generate --ray`: the same run directory, rendered by a pool of Ray workers."""
+    import torch
+
     from magicseg_engine.distributed import RayOptions, RayRunError, connect, generate_on_ray, shutdown, size_pool
     from magicseg_engine.distributed.cluster import DEFAULT_CONNECT_TIMEOUT_S, cluster_resources
     from magicseg_engine.engine.backends import BACKENDS
-    from magicseg_engine.generate.models import model_identity
+    from magicseg_engine.generate.models import model_identity, uses_channels_last
     from magicseg_engine.pipeline import check_model_settings, record_summary, start_run
 
     # Everything the workers would refuse is checked here first, so bad input writes nothing.
@@ -386,7 +386,8 @@ def _generate_on_ray(out: Path, config, plan, address: Optional[str], timeout_s:
     try:
         resources = cluster_resources()
         workers, gpus_per_worker = size_pool(resources, workers, gpus_per_worker, cpus_per_worker)
-        model_id = model_identity(config.diffusion, "cuda" if gpus_per_worker > 0 else "cpu", seed=config.seed)
+        worker_device = torch.device("cuda" if gpus_per_worker > 0 else "cpu")
+        model_id = model_identity(config.diffusion, worker_device, seed=config.seed)
         if plan.fresh:
             start_run(out, config, plan.records)
         options = RayOptions(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
@@ -409,7 +410,8 @@ def _generate_on_ray(out: Path, config, plan, address: Optional[str], timeout_s:
                                   "render_seconds": round(result.render_seconds, 3),
                                   "cpus_per_worker": cpus_per_worker, "batch_size": execution.batch_size,
                                   "backend": backend, "attention": execution.attention,
-                                  "channels_last": execution.channels_last, "nodes": resources.nodes})
+                                  "channels_last": uses_channels_last(execution.channels_last, worker_device),
+                                  "nodes": resources.nodes})
     if result.workers:
         table = Table(title="Ray workers")
         for column in ("worker", "node", "shards", "pairs", "pairs/s"):

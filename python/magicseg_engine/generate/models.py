@@ -246,8 +246,13 @@ def load_diffusion(
     else:
         # Built where it will run: a CPU detour would cost a 4 GB float32 copy and minutes of init.
         models = _build_random("sd15", SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER, seed, device, device, dtype)
-    _finish(models, device.type == "cuda" if channels_last is None else channels_last)
+    _finish(models, uses_channels_last(channels_last, device))
     return models
+
+
+def uses_channels_last(requested: bool | None, device: torch.device) -> bool:
+    """Whether weights are stored NHWC: as `requested`, or by default on a GPU only."""
+    return device.type == "cuda" if requested is None else requested
 
 
 def model_identity(config: DiffusionConfig, device: str | torch.device = "cpu", seed: int = 0) -> str:

@@ -88,12 +88,6 @@ def coverage_inside(above: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return (inside / masks.flatten(2).sum(-1).clamp_min(1)).cpu()
 
 
-def counterfactual_coverage(maps: torch.Tensor, thresholds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """[B, C]: the fraction of each final positive mask where the negative's attention is above
-    the positive's threshold, both normalised by the positive's range."""
-    return coverage_inside(counterfactual_above(maps, thresholds, masks.shape[-2:]), masks)
-
-
 @dataclass
 class DeviceAnnotations:
     """What `MaskAnnotator.on_device` hands to `MaskAnnotator.finish`: every part on the CPU."""
