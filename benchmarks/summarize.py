@@ -2,7 +2,8 @@
 
     python benchmarks/summarize.py
 
-Each row is one measured ratio: this engine against the baseline measured in the same run.
+Each row is one measured ratio: this engine against the baseline measured in the same run; the
+quality and ablation rows are scores in the shapes world (`bench quality`, `bench ablation`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,23 @@ def headline(name: str, data: dict) -> list[tuple[str, str, str]]:
                      + ("no FLOP ceiling known for this device" if unet["measured"] is None
                         else f"{100 * unet['measured']:.1f}% of the peak")))
         return rows
+    if data.get("benchmark") == "quality":
+        adh, cf = data["adherence"], data["counterfactual"]
+        rows = [(f"mask mIoU, {route} ({r['weights']})", f"{r['miou']:.3f}",
+                 f"{r['images']} of {data['pairs']} pairs, {r['classes']} classes")
+                for route, r in data["masks"].items()]
+        rows.append(("prompt adherence: every requested class drawn", f"{adh['all_classes']:.3f}",
+                     f"colour alone {adh['all_classes_colour']:.3f}; a random shape would be right "
+                     f"{adh['chance_shape_given_colour']:.3f} of the time"))
+        for noise in ("shared_noise", "independent_noise"):
+            c = cf[noise]
+            rows.append((f"counterfactual, {noise.replace('_', ' ')}: class absent from the negative",
+                         f"{c['class_absent']:.3f}", f"pixel agreement outside the object {c['pixel_agreement_outside']:.3f}"))
+        return rows
+    if data.get("benchmark") == "ablation":
+        return [(f"pretrained on {arm}: mIoU (all / seen / unseen classes)", f"{r['miou']:.3f}",
+                 f"{r['miou_seen']:.3f} / {r['miou_unseen']:.3f}; {data['pairs']} pairs, {data['pretrain_steps']} steps")
+                for arm, r in data["arms"].items()]
     rows = []
     for key, value in data.get("ratios", {}).items():
         if "speedup" in key and "all_threads" in key:

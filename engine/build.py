@@ -94,7 +94,8 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
         if component == CAPTURE_COMPONENT:
             from magicseg_engine.generate.attention import AttentionCapture
 
-            layers = AttentionCapture(models.unet, models.tokenizer, steps=config.masks.capture_steps).layers
+            layers = AttentionCapture(models.unet, models.tokenizer, steps=config.masks.capture_steps,
+                                      factors=config.masks.attention_factors).layers
         exported = export_component("unet" if layers else component, source, out / "onnx", precision=precision,
                                     capture_layers=layers)
         check_exported(exported)

@@ -1,7 +1,15 @@
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+# `python -m pytest` puts the checkout's root first on sys.path, where the source folder
+# kernels/ (installed as magicseg_engine.kernels) would shadow the `kernels` package that
+# transformers imports. The tests use the installed package, never the folders by name.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Triton kernels run under the interpreter on machines without a GPU. The variable is read
 # when a kernel is decorated, so it must be set before any kernel module is imported.

@@ -51,7 +51,7 @@ def test_pretrained_weights_need_a_model():
 
 
 def test_unknown_preset():
-    with pytest.raises(UsageError, match="unknown preset 'sd21'; choose one of: tiny, sd15-random, sd15"):
+    with pytest.raises(UsageError, match="unknown preset 'sd21'; choose one of: tiny, shapes, sd15-random, sd15"):
         load_preset("sd21")
 
 

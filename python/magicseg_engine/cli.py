@@ -148,13 +148,14 @@ class Source(str, Enum):
     templates = "templates"
     llm = "llm"
     file = "file"
+    world = "world"
 
 
 @app.command()
 @reports_usage_errors
 def prompts(
     out: Annotated[Path, typer.Option("--out", help="Output JSON-lines file.")],
-    classes: Annotated[Optional[str], typer.Option("--classes", help="voc, context, coco-object, coco-stuff, or a class file (one per line).")] = None,
+    classes: Annotated[Optional[str], typer.Option("--classes", help="voc, context, coco-object, coco-stuff, shapes, or a class file (one per line).")] = None,
     num: Annotated[Optional[int], typer.Option("--num", help="Number of prompts (with --source file: at most this many).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Run seed: class sampling, templates and per-sample seeds.")] = 0,
     source: Annotated[Source, typer.Option("--source", help="Where descriptions come from.")] = Source.templates,
@@ -234,8 +235,8 @@ def prompts(
 @reports_usage_errors
 def generate(
     out: Annotated[Path, typer.Option("--out", help="Run directory: shards, manifest, prompts and run.json.")],
-    preset: Annotated[str, typer.Option("--preset", help="tiny, sd15-random or sd15.")] = "tiny",
-    classes: Annotated[Optional[str], typer.Option("--classes", help="voc, context, coco-object, coco-stuff, or a class file.")] = None,
+    preset: Annotated[str, typer.Option("--preset", help="tiny, shapes, sd15-random or sd15.")] = "tiny",
+    classes: Annotated[Optional[str], typer.Option("--classes", help="voc, context, coco-object, coco-stuff, shapes, or a class file.")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="Prompts to render (from `prompts`, or reference lines).")] = None,
     num_pairs: Annotated[Optional[int], typer.Option("--num-pairs", help="Number of positive/negative pairs.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out, skipping finished pairs.")] = False,
@@ -304,7 +305,8 @@ def generate(
     config = load_preset(preset, {
         "seed": seed,
         "prompts": {"seed": seed, "max_classes_per_sample": max_classes,
-                    "source": "file" if prompts_file else "templates"},
+                    # Without --prompts, the preset's own source: templates, or the shapes world's captions.
+                    "source": "file" if prompts_file else None},
         "diffusion": {"steps": steps, "guidance": guidance, "scheduler": scheduler, "dtype": dtype, "model": model,
                       "height": size[0] if size else None, "width": size[1] if size else None,
                       "independent_noise": independent_noise or None},
@@ -538,7 +540,7 @@ class EngineFormat(str, Enum):
 @reports_usage_errors
 def build_engines_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the ONNX files, engines and manifest.json.")],
-    preset: Annotated[str, typer.Option("--preset", help="tiny, sd15-random or sd15.")] = "tiny",
+    preset: Annotated[str, typer.Option("--preset", help="tiny, shapes, sd15-random or sd15.")] = "tiny",
     model: Annotated[Optional[str], typer.Option("--model", help="Diffusers folder or hub id (preset sd15).")] = None,
     fmt: Annotated[EngineFormat, typer.Option("--format", help="onnx, or tensorrt (ONNX, then engines).")] = EngineFormat.onnx,
     precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16 (half precision needs a GPU).")] = "fp32",
@@ -651,6 +653,63 @@ def pretrain(
         stderr.print(f"{summary.step - summary.resumed_from} steps ({summary.images} images per rank) in "
                      f"{summary.seconds:.0f} s, resumed from step {summary.resumed_from}{skipped}. "
                      f"Checkpoint: {summary.checkpoint}", highlight=False)
+
+
+@app.command("train-world")
+@reports_usage_errors
+def train_world_command(
+    out: Annotated[Path, typer.Option("--out", help="Diffusers folder to write (unet/, vae/, text_encoder/, tokenizer/, scheduler/).")],
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the scenes, the initial weights and every batch.")] = 0,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Captioned scenes to train on.")] = None,
+    vae_steps: Annotated[Optional[int], typer.Option("--vae-steps", help="VAE optimiser steps.")] = None,
+    unet_steps: Annotated[Optional[int], typer.Option("--unet-steps", help="UNet and text-encoder optimiser steps.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Latents per UNet step.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = None,
+    size: Annotated[int, typer.Option("--size", help="Image side in pixels (the shipped model: 32).")] = 32,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the training in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete --out and start again.")] = False,
+) -> None:
+    """Train the `shapes` world's VAE, UNet and CLIP text encoder from scratch (about 11 minutes on 2 CPU cores)."""
+    import shlex
+
+    from pydantic import ValidationError
+
+    from magicseg_engine.config import describe_validation_error
+    from magicseg_engine.world.shapes import World
+    from magicseg_engine.world.train import WorldTrainConfig, train_world
+
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other; pick one")
+    given = {"seed": seed, "samples": samples, "vae_steps": vae_steps, "unet_steps": unet_steps,
+             "unet_batch": batch_size, "checkpoint_every": checkpoint_every}
+    try:
+        config = WorldTrainConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        raise UsageError(f"invalid train-world settings: {describe_validation_error(err)}") from None
+    world = World(size=size).check()
+    command = "magicseg-engine " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    labels = {"scenes": "drawing scenes", "vae": "VAE", "latents": "encoding latents", "unet": "UNet + text encoder",
+              "export": "writing the diffusers folder"}
+    bar = progress_bar(transient=False)
+    tasks: dict[str, int] = {}
+
+    def on_progress(stage: str, done: int, total: int, loss: float | None) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(labels[stage], total=total, unit="steps" if stage in ("vae", "unet") else "items")
+        text = labels[stage] + (f" loss {loss:.4f}" if loss is not None else "")
+        bar.update(tasks[stage], completed=done, description=text)
+
+    try:
+        summary = train_world(out, config, world, resume=resume, overwrite=overwrite, progress=on_progress,
+                              command=command)
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+    stderr.print(f"trained in {summary['seconds']:.0f} s (VAE weighted MSE {summary['final_loss']['vae_mse']:.4f}, UNet MSE "
+                 f"{summary['final_loss']['unet_mse']:.4f}). Diffusers folder: {out}; use it with "
+                 f"`--preset shapes --model {out}`.", highlight=False)
 
 
 class EvalDatasetName(str, Enum):
@@ -970,6 +1029,121 @@ BenchDevice = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or c
 BenchJson = Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")]
 BenchPairs = Annotated[int, typer.Option("--pairs", help="Pairs per timed repetition (generate; masks and sam use up to 4).")]
 BenchBatch = Annotated[int, typer.Option("--batch-size", help="Engine pairs per UNet call.")]
+
+
+@bench_app.command("quality")
+@reports_usage_errors
+def bench_quality_command(
+    preset: Annotated[str, typer.Option("--preset", help="shapes: the only preset whose images can be checked against a truth.")] = "shapes",
+    pairs: Annotated[int, typer.Option("--pairs", help="Pairs to generate and score.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the classes, floors and noise of the pairs.")] = 0,
+    model: Annotated[Optional[str], typer.Option("--model", help="A train-world folder instead of the shipped weights.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps (preset default if unset).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="The shapes architecture with random weights: the floor any trained model must clear.")] = False,
+    sweep: Annotated[bool, typer.Option("--sweep", help="Also score the attention route over layers, steps, thresholds and self-attention refinement.")] = False,
+    batch_size: BenchBatch = 16,
+    device: BenchDevice = "auto",
+    json_out: BenchJson = None,
+    chart_out: Annotated[Optional[Path], typer.Option("--chart", help="Write a PNG chart of the results here.")] = None,
+    picture: Annotated[Optional[Path], typer.Option("--picture", help="Write a PNG of six pairs here: positive, masks, truth, negative.")] = None,
+) -> None:
+    """Mask mIoU per route, counterfactual fidelity and prompt adherence, measured against the shapes world's truth."""
+    from magicseg_engine.bench.quality import chart, run_quality
+    from magicseg_engine.config import load_preset
+    from magicseg_engine.prompts import build_prompts
+    from magicseg_engine.vocab import load_vocabulary
+
+    if preset != "shapes":
+        raise UsageError(f"bench quality needs --preset shapes: only the shapes world has a truth to score "
+                         f"against, and {preset!r} draws other images")
+    if pairs <= 0 or batch_size <= 0:
+        raise UsageError("--pairs and --batch-size must be positive")
+    if random_weights and model:
+        raise UsageError("--random-weights and --model exclude each other; pick one")
+    device = _resolve_device(device)
+    config = load_preset(preset, {"seed": seed, "prompts": {"seed": seed},
+                                  "diffusion": {"steps": steps, "guidance": guidance, "model": model,
+                                                "weights": "random" if random_weights else None}})
+    records = build_prompts(config.prompts, vocab=load_vocabulary("shapes"), num=pairs).records
+    with progress_bar() as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, unit="items")
+            bar.update(tasks[stage], completed=done)
+
+        result = run_quality(config, records, device, batch_size, sweep=sweep, progress=on_progress, picture=picture)
+    _write_bench_json(result, json_out)
+    if chart_out:
+        chart(result, chart_out)
+    _print_quality(result)
+
+
+@bench_app.command("ablation")
+@reports_usage_errors
+def bench_ablation_command(
+    work: Annotated[Path, typer.Option("--work", help="Folder for the generated run, the pretraining runs and the evaluation set (kept; run again to resume).")],
+    pairs: Annotated[int, typer.Option("--pairs", help="Generated pairs, and true-mask scenes for the upper bound.")] = 512,
+    steps: Annotated[int, typer.Option("--steps", help="Pretraining steps of each arm.")] = 400,
+    eval_images: Annotated[int, typer.Option("--eval-images", help="Held-out scenes to evaluate on.")] = 128,
+    held_out: Annotated[Optional[str], typer.Option("--held-out", help="Comma-separated classes kept out of generation and training (default: one per colour and shape).")] = None,
+    train_classes: Annotated[Optional[str], typer.Option("--train-classes", help="Comma-separated classes to generate and train on (default: every other class); must not overlap --held-out.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: BenchDevice = "auto",
+    json_out: BenchJson = None,
+) -> None:
+    """The paper's ablation in miniature: pretrain on generated pairs with and without the counterfactual loss, on true masks, and not at all; evaluate on held-out classes."""
+    from magicseg_engine.bench.ablation import DEFAULT_HELD_OUT, run_ablation
+
+    def split(text: str) -> list[str]:
+        return [" ".join(c.split()).lower() for c in text.split(",") if c.strip()]
+
+    names = split(held_out) if held_out else list(DEFAULT_HELD_OUT)
+    train = split(train_classes) if train_classes else None
+    with progress_bar() as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, unit="items")
+            bar.update(tasks[stage], completed=done)
+
+        result = run_ablation(work, pairs=pairs, steps=steps, eval_images=eval_images, held_out=names, train=train,
+                              seed=seed,
+                              device=_resolve_device(device), progress=on_progress)
+    _write_bench_json(result, json_out)
+    table = Table(title=f"pretraining ablation: {pairs} pairs, {steps} steps, {eval_images} held-out scenes, "
+                        f"{len(names)} unseen classes")
+    for column in ("trained on", "mIoU", "seen", "unseen", "hIoU"):
+        table.add_column(column, justify="left" if column == "trained on" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for arm, r in result["arms"].items():
+        table.add_row(arm, fmt(r["miou"]), fmt(r["miou_seen"]), fmt(r["miou_unseen"]), fmt(r["harmonic_miou"]))
+    stderr.print(table)
+
+
+def _print_quality(result: dict) -> None:
+    table = Table(title=f"mask quality, {result['preset']} preset ({result['masks']['attention']['images']} "
+                        f"of {result['pairs']} pairs show every requested colour)")
+    for column in ("route", "mIoU", "weights"):
+        table.add_column(column, justify="right" if column == "mIoU" else "left")
+    for route, r in result["masks"].items():
+        table.add_row(route, f"{r['miou']:.3f}", r["weights"])
+    stderr.print(table)
+    adh, cf = result["adherence"], result["counterfactual"]
+    stderr.print(
+        f"adherence: {adh['all_classes']:.1%} of positives show every requested class (colour alone: "
+        f"{adh['all_classes_colour']:.1%}). counterfactual: class absent from {cf['shared_noise']['class_absent']:.1%} "
+        f"of negatives, pixel agreement outside the object {cf['shared_noise']['pixel_agreement_outside']:.1%} "
+        f"(independent noise: {cf['independent_noise']['class_absent']:.1%}, "
+        f"{cf['independent_noise']['pixel_agreement_outside']:.1%}).", highlight=False)
+    if "sweep" in result:
+        best = max(result["sweep"], key=lambda r: r["miou"])
+        stderr.print(f"sweep: {len(result['sweep'])} settings; best mIoU {best['miou']:.3f} with factors "
+                     f"{best['factors']}, steps {best['steps']}, threshold {best['threshold']}, self-attention "
+                     f"power {best['self_attention_power']}", highlight=False)
 
 
 def _bench_context(preset: str, device: str, warmup: int, reps: int, pairs: int = 8, batch_size: int = 8):

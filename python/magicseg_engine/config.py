@@ -40,7 +40,8 @@ class LLMConfig(_Strict):
 class PromptsConfig(_Strict):
     """How class names become positive and counterfactual negative prompts."""
 
-    source: Literal["templates", "llm", "file"] = "templates"
+    # world: the shapes world's own captions ("a red circle on a grey floor"), for the shapes preset.
+    source: Literal["templates", "llm", "file", "world"] = "templates"
     max_classes_per_sample: int = Field(2, ge=1, le=8)
     negative_token: str = "nothing"
     seed: int = Field(0, ge=0, lt=2**31)
@@ -50,8 +51,9 @@ class PromptsConfig(_Strict):
 class DiffusionConfig(_Strict):
     """The text-to-image model and how it is sampled."""
 
-    architecture: Literal["tiny", "sd15"]
-    weights: Literal["random", "pretrained"]
+    architecture: Literal["tiny", "shapes", "sd15"]
+    # shipped: the shapes model's weights that come with the package (architecture shapes only).
+    weights: Literal["random", "pretrained", "shipped"]
     # A diffusers folder or hub id; required when weights are pretrained.
     model: str | None = None
     height: int = Field(512, gt=0)
@@ -71,10 +73,21 @@ class DiffusionConfig(_Strict):
             raise ValueError(f"must be a multiple of 8, got {v}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _named_model_replaces_shipped(cls, data: Any) -> Any:
+        # `--preset shapes --model DIR` loads a folder written by train-world instead of the copy
+        # that ships: the preset's settings stay, the weights are the folder's.
+        if isinstance(data, dict) and data.get("weights") == "shipped" and data.get("model"):
+            return {**data, "weights": "pretrained"}
+        return data
+
     @model_validator(mode="after")
     def _weights_need_a_model(self) -> DiffusionConfig:
         if self.weights == "pretrained" and not self.model:
             raise ValueError("pretrained weights need a model path or hub id (--model)")
+        if self.weights == "shipped" and self.architecture != "shapes":
+            raise ValueError("only the shapes architecture has shipped weights")
         return self
 
 
@@ -98,6 +111,11 @@ class MaskConfig(_Strict):
     text_threshold: float = Field(0.25, ge=0.0, le=1.0)
     # Part of the sampling schedule whose cross-attention is read, as fractions [lo, hi).
     capture_steps: tuple[float, float] = (0.0, 1.0)
+    # Cross-attention layers read, by how many times smaller than the latent they are; None:
+    # generate.attention.DEFAULT_FACTORS (SD's 32x32 and 16x16 layers at 512x512).
+    attention_factors: tuple[int, ...] | None = None
+    # Times the maps are multiplied by the latent-resolution self-attention (0: not at all).
+    self_attention_power: int = Field(0, ge=0, le=8)
     threshold: float | Literal["otsu"] = "otsu"
     positive_points: int = Field(1, ge=0, le=8)
     negative_points: int = Field(1, ge=0, le=8)
@@ -136,6 +154,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "sam": {"model_type": "tiny"},
         "masks": {"detector_model": "tiny"},
+    },
+    # The model trained on the shapes world (`train-world`), whose weights ship with the package:
+    # real images on a CPU, and a world where every mask can be checked against the truth.
+    "shapes": {
+        "preset": "shapes",
+        "prompts": {"source": "world"},
+        "diffusion": {
+            "architecture": "shapes", "weights": "shipped", "height": 32, "width": 32,
+            "steps": 20, "guidance": 3.0, "dtype": "float32",
+        },
+        "sam": {"model_type": "tiny"},
+        "masks": {"detector_model": "tiny", "refine_with_sam": False, "attention_factors": (1,),
+                  "capture_steps": (0.75, 1.0), "threshold": 0.5},
     },
     "sd15-random": {
         "preset": "sd15-random",

@@ -385,9 +385,14 @@ def check_model_settings(config: RunConfig) -> None:
 
 
 def build_annotator(config: RunConfig, device: str | torch.device, dtype: torch.dtype, backend: str = "torch",
-                    engines: Path | None = None) -> MaskAnnotator:
-    """The mask annotator of the run, its SAM on `backend` (exported backends read `engines`)."""
-    check_model_settings(config)
+                    engines: Path | None = None, *, checked: bool = True) -> MaskAnnotator:
+    """The mask annotator of the run, its SAM on `backend` (exported backends read `engines`).
+
+    `checked=False` skips `check_model_settings`: for measurements that pair random SAM or
+    detector weights with trained diffusion weights on purpose, and say so in their results.
+    """
+    if checked:
+        check_model_settings(config)
     refiner = None
     if config.masks.refine_with_sam:
         from magicseg_engine.engine.build import sam_identity
@@ -406,7 +411,12 @@ def build_mask_stage(config: RunConfig, sampler: PairedSampler, engines: Path | 
     """The run's mask stage on the sampler's backend, or None when masks are off."""
     if config.masks.source == "none":
         return None
-    capture = AttentionCapture(sampler.models.unet, sampler.models.tokenizer, steps=config.masks.capture_steps)
+    if config.masks.self_attention_power and sampler.runners.backend not in ("torch", "compile"):
+        raise UsageError(f"self-attention refinement of the masks needs the UNet's processors, which "
+                         f"--backend {sampler.runners.backend} does not run; use --backend torch or compile")
+    capture = AttentionCapture(sampler.models.unet, sampler.models.tokenizer, steps=config.masks.capture_steps,
+                               factors=config.masks.attention_factors,
+                               self_attention_power=config.masks.self_attention_power)
     sampler.runners.attach_capture(capture)
     return MaskStage(capture, build_annotator(config, sampler.device, sampler.dtype, sampler.runners.backend, engines))
 

@@ -74,6 +74,17 @@ def cross_attention_layers(unet: torch.nn.Module) -> dict[str, int]:
     return layers
 
 
+def self_attention_layers(unet: torch.nn.Module, factor: int) -> list[str]:
+    """Names of the self-attention modules (`attn1`) that sit beside the cross-attention ones at `factor`."""
+    modules = dict(unet.named_modules())
+    out = []
+    for name, f in cross_attention_layers(unet).items():
+        sibling = name.rsplit(".", 1)[0] + ".attn1"
+        if f == factor and sibling in modules:
+            out.append(sibling)
+    return out
+
+
 def _step_range(steps: tuple[float, float], num_steps: int) -> set[int]:
     """Indices of the steps whose share [i/n, (i+1)/n) of the schedule overlaps [lo, hi).
 
@@ -126,6 +137,30 @@ class _CapturingProcessor:
             kwargs = {**kwargs, "temb": temb}
         return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                              attention_mask=attention_mask, **kwargs)
+
+
+class _SelfAttentionProbe:
+    """Stands in for one self-attention module's processor: its output unchanged, and on the
+    captured steps the head-mean attention probabilities of the positive and negative rows."""
+
+    def __init__(self, capture: AttentionCapture, original):
+        self.capture = capture
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if temb is not None:
+            kwargs = {**kwargs, "temb": temb}
+        out = self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                            attention_mask=attention_mask, **kwargs)
+        capture = self.capture
+        if capture._active and encoder_hidden_states is None:
+            layout = capture._layout
+            rows = torch.cat([hidden_states[layout.positive_rows], hidden_states[layout.negative_rows]])
+            t = torch.cat([temb[layout.positive_rows], temb[layout.negative_rows]]) if temb is not None else None
+            q, k = _project(attn, rows, rows, t)
+            probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1).mean(1)
+            capture._record_self(probs)
+        return out
 
 
 def _sdpa_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb):
@@ -228,6 +263,7 @@ class AttentionCapture:
         factors: Collection[int] | None = None,
         layer_names: Collection[str] | None = None,
         use_triton: bool | None = None,
+        self_attention_power: int = 0,
     ):
         lo, hi = (float(s) for s in steps)
         if not 0.0 <= lo < hi <= 1.0:
@@ -254,6 +290,12 @@ class AttentionCapture:
         if use_triton and kernel.triton is None:
             raise RuntimeError("use_triton=True but Triton is not installed")
         self.use_triton = use_triton
+        if self_attention_power < 0:
+            raise ValueError(f"self_attention_power must be 0 or more, got {self_attention_power}")
+        self.self_attention_power = self_attention_power
+        # The self-attention read for refinement: the finest level among the chosen layers.
+        self.self_attention_factor = min(chosen.values())
+        self.self_layers = self_attention_layers(unet, self.self_attention_factor) if self_attention_power else []
 
         self._prompts: list[str] = []
         self._classes: list[tuple[str, ...]] = []
@@ -270,6 +312,7 @@ class AttentionCapture:
         self._device = torch.device("cpu")
         self._sums: dict[int, torch.Tensor] = {}  # factor -> [2B, C, N] sum over layers and steps
         self._calls = 0
+        self._self_sum: torch.Tensor | None = None  # [2B, N, N] self-attention probabilities
 
     # --- prompts -------------------------------------------------------------------------
 
@@ -333,11 +376,13 @@ class AttentionCapture:
         modules = dict(self.unet.named_modules())
         if any(isinstance(modules[n].processor, _CapturingProcessor) for n in self.layers):
             raise RuntimeError("another attention capture is installed on this UNet")
-        originals = {name: modules[name].processor for name in self.layers}
+        originals = {name: modules[name].processor for name in [*self.layers, *self.self_layers]}
         handle = self.unet.register_forward_pre_hook(self._note_latent_size, with_kwargs=True)
         try:
             for name, factor in self.layers.items():
                 modules[name].set_processor(_CapturingProcessor(self, originals[name], factor))
+            for name in self.self_layers:
+                modules[name].set_processor(_SelfAttentionProbe(self, originals[name]))
             self._installed = True
             yield self
         finally:
@@ -361,6 +406,7 @@ class AttentionCapture:
         self._selected = _step_range(self.steps, num_steps)
         self._sums = {}
         self._calls = 0
+        self._self_sum = None
         self._active = False
 
     def before_step(self, index: int, timestep: torch.Tensor) -> None:
@@ -393,6 +439,33 @@ class AttentionCapture:
         # Straight into the running sums: the kernel adds in place, no per-layer temporaries.
         self._accumulate(q_pos, k_pos, index, scale, buf[:pairs])
         self._accumulate(q_neg, k_pos, index, scale, buf[pairs:])
+
+    def _record_self(self, probs: torch.Tensor) -> None:
+        """Add one self-attention layer's head-mean probabilities [2B, N, N] (positives, then
+        negatives) of a captured step."""
+        probs = probs.float()
+        self._self_sum = probs if self._self_sum is None else self._self_sum.add_(probs)
+
+    def _refine(self, total: torch.Tensor) -> torch.Tensor:
+        """[2B, C, h, w] maps, each pixel replaced `self_attention_power` times by the mean of the
+        map over the pixels it attends to (row-normalised self-attention): the maps spread over
+        the object the UNet groups together, and stop at its edges."""
+        if self._self_sum is None:
+            raise RuntimeError("self-attention refinement was asked for but no self-attention was recorded")
+        attn = self._self_sum / self._self_sum.sum(-1, keepdim=True).clamp_min(1e-12)
+        rows, classes, h0, w0 = total.shape
+        f = self.self_attention_factor
+        h, w = math.ceil(h0 / f), math.ceil(w0 / f)
+        if attn.shape[-1] != h * w:
+            raise RuntimeError(f"self-attention has {attn.shape[-1]} positions, not {h}x{w}")
+        grid = F.adaptive_avg_pool2d(total, (h, w)) if (h, w) != (h0, w0) else total
+        flat = grid.reshape(rows, classes, h * w).transpose(1, 2)
+        for _ in range(self.self_attention_power):
+            flat = attn @ flat
+        grid = flat.transpose(1, 2).reshape(rows, classes, h, w)
+        if (h, w) != (h0, w0):
+            grid = F.interpolate(grid, size=(h0, w0), mode="bilinear", align_corners=False)
+        return grid
 
     def _accumulate(self, q, k, index, scale, out) -> None:
         use_triton = self.use_triton
@@ -470,4 +543,6 @@ class AttentionCapture:
                 total += grid
             if self._calls:
                 total /= self._calls
+            if self.self_attention_power:
+                total = self._refine(total)
         return total.reshape(2, pairs, classes, h0, w0).transpose(0, 1).contiguous()

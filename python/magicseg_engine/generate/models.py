@@ -1,8 +1,9 @@
 """The text-to-image models: a UNet, a VAE, a CLIP text encoder, its tokenizer and a noise schedule.
 
-Three ways to get them, matching the presets: small random models for tests and the offline
-demo, the full Stable Diffusion v1.5 architectures with random weights for benchmarks, and real
-weights from a diffusers folder. Shapes are always read from the loaded models, so other
+Four ways to get them, matching the presets: small random models for tests and the offline
+demo, the shapes world's small trained models whose weights ship with the package
+(`world.model`), the full Stable Diffusion v1.5 architectures with random weights for
+benchmarks, and real weights from a diffusers folder. Shapes are always read from the loaded models, so other
 UNet2DConditionModel checkpoints (SD 2.x) load through the same path.
 """
 
@@ -241,6 +242,13 @@ def load_diffusion(
         dtype = resolve_dtype(config.dtype, device)
     if config.weights == "pretrained":
         models = _load_pretrained(config.model or "", device, dtype)
+    elif config.weights == "shipped":
+        models = _load_shipped(device, dtype)
+    elif config.architecture == "shapes":
+        from magicseg_engine.world.model import SHAPES_TEXT_ENCODER, SHAPES_UNET, SHAPES_VAE
+
+        models = _build_random("shapes", SHAPES_UNET, SHAPES_VAE, SHAPES_TEXT_ENCODER, seed, torch.device("cpu"),
+                               device, dtype)
     elif config.architecture == "tiny":
         models = _build_random("tiny", TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER, seed, torch.device("cpu"), device, dtype)
     else:
@@ -263,6 +271,12 @@ def model_identity(config: DiffusionConfig, device: str | torch.device = "cpu", 
         root = _resolve_folder(config.model or "")
         _check_layout(root)
         return _pretrained_id(root, _scheduler_config(root), _pad_id(root))
+    if config.weights == "shipped":
+        return _shipped_id()
+    if config.architecture == "shapes":
+        from magicseg_engine.world.model import SHAPES_TEXT_ENCODER, SHAPES_UNET, SHAPES_VAE
+
+        return _random_id("shapes", SHAPES_UNET, SHAPES_VAE, SHAPES_TEXT_ENCODER, seed, torch.device("cpu"))
     if config.architecture == "tiny":
         return _random_id("tiny", TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER, seed, torch.device("cpu"))
     return _random_id("sd15", SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER, seed, device)
@@ -315,6 +329,31 @@ def _build_random(
         pad_id=clip_token_id("<|endoftext|>"),
     )
     model_id = _random_id(name, unet_config, vae_config, text_config, seed, init_device)
+    return DiffusionModels(unet, vae, text_encoder, tokenizer, dict(SD15_SCHEDULER), model_id)
+
+
+def _shipped_id() -> str:
+    from magicseg_engine.world.model import file_digest, shipped_path
+
+    path = shipped_path()
+    if not path.is_file():
+        raise UsageError(f"the shapes weights {path} are missing; reinstall magicseg-engine, or train them "
+                          "with `magicseg-engine train-world --out DIR` and pass --model DIR")
+    # The file's content, not its path: an installed copy and a checkout give the same keys.
+    return f"shapes@{file_digest(path)}"
+
+
+def _load_shipped(device: torch.device, dtype: torch.dtype) -> DiffusionModels:
+    """The `shapes` preset's models, from the compact copy inside the package."""
+    from magicseg_engine.world.model import shipped_path, unpack
+
+    model_id = _shipped_id()
+    shipped, _ = unpack(shipped_path())
+    modules = [torch.nn.Module.to(m, device=device, dtype=dtype)
+               for m in (shipped.unet, shipped.vae, shipped.text_encoder)]
+    unet, vae, text_encoder = modules
+    tokenizer = ClipTokenizer(context_length=int(text_encoder.config.max_position_embeddings),
+                              pad_id=clip_token_id("<|endoftext|>"))
     return DiffusionModels(unet, vae, text_encoder, tokenizer, dict(SD15_SCHEDULER), model_id)
 
 

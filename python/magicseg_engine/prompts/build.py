@@ -72,7 +72,13 @@ def build_prompts(
         raise UsageError(f"--source {config.source} needs --num, the number of prompts to write")
     combos = sample_class_combos(vocab.classes, num, config.max_classes_per_sample, config.seed)
     stats = None
-    if config.source == "templates":
+    if config.source == "world":
+        from magicseg_engine.world.prompts import describe_world
+
+        combos, descriptions = describe_world(combos, config.seed)
+        if progress:
+            progress(len(combos))
+    elif config.source == "templates":
         descriptions = []
         for i, combo in enumerate(combos):
             # One generator per sample: any sample can be rebuilt without the ones before it.

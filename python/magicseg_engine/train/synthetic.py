@@ -1,6 +1,7 @@
 """A synthetic run directory of coloured shapes, in the sample format generate writes.
 
-Each class is a coloured shape ("red circle", "blue triangle"; a bare shape name takes that
+The shapes, their colours and their drawing are the shapes world's (`world.shapes`). Each
+class is a coloured shape ("red circle", "blue triangle"; a bare shape name takes that
 shape's default colour). A sample shows one or two classes on a smooth, noisy, low-saturation
 background; its twin is the same background without the shapes, its mask labels each shape's
 pixels with the 1-based index of its class in the sample's "classes". Shapes are drawn without
@@ -15,115 +16,29 @@ mask aligned: pixel values encode their own coordinates and the mask is a checke
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from io import BytesIO
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from magicseg_engine.data.encoding import encode_jpeg, encode_png
 from magicseg_engine.data.shards import ShardWriter, finished_keys, sample_key
 from magicseg_engine.prompts.records import sample_seed
+from magicseg_engine.world.shapes import ANY_FLOOR, COLOURS, SHAPES, caption, draw_scene, parse_class
+
+__all__ = ["COLOURS", "SHAPES", "parse_class", "render_sample", "write_synthetic_run", "write_coordinate_run"]
 
 MODEL_ID = "synthetic-shapes"
-BACKGROUND_PROMPT = "a textured background"
-
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 60, 230), "yellow": (235, 215, 20),
-    "magenta": (210, 40, 200), "cyan": (20, 200, 210), "orange": (245, 130, 10), "white": (250, 250, 250),
-}
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
-# Default colours of bare shape names: all different, so a bare vocabulary stays learnable by colour.
-DEFAULT_COLOUR = {"circle": "red", "square": "green", "triangle": "blue", "diamond": "yellow",
-                  "cross": "magenta", "ring": "cyan"}
+BACKGROUND_PROMPT = ANY_FLOOR
 DEFAULT_CLASSES = ("red circle", "green square", "blue triangle", "yellow diamond")
-
-
-def parse_class(name: str) -> tuple[str, tuple[int, int, int]]:
-    """(shape, RGB colour) of a class name like "red circle" or "circle"; ValueError if unknown."""
-    words = name.strip().lower().split()
-    if not words or words[-1] not in SHAPES or len(words) > 2:
-        raise ValueError(f"unknown synthetic class {name!r}: use '[colour] shape' with shape in {SHAPES}")
-    colour = words[0] if len(words) == 2 else DEFAULT_COLOUR[words[-1]]
-    if colour not in COLOURS:
-        raise ValueError(f"unknown colour {colour!r} in {name!r}: choose from {sorted(COLOURS)}")
-    return words[-1], COLOURS[colour]
-
-
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Smooth blotches of muted colour plus pixel noise: texture without any saturated colour."""
-    grid = 2 + int(rng.integers(0, 5))
-    grey = rng.uniform(70, 170, size=(grid, grid, 1))
-    tint = rng.uniform(-15, 15, size=(grid, grid, 3))
-    coarse = Image.fromarray(np.clip(grey + tint, 0, 255).astype(np.uint8))
-    smooth = np.asarray(coarse.resize((size, size), Image.BICUBIC), dtype=np.float32)
-    noise = rng.normal(0.0, 8.0, size=(size, size, 1)) + rng.normal(0.0, 3.0, size=(size, size, 3))
-    return np.clip(smooth + noise, 0, 255).astype(np.uint8)
-
-
-def _polygon(cx: float, cy: float, r: float, angle: float, points: Sequence[tuple[float, float]]) -> list[tuple]:
-    cos, sin = math.cos(angle), math.sin(angle)
-    return [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in points]
-
-
-_UNIT_SHAPES = {
-    "square": [(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)],
-    "triangle": [(0.0, -1.0), (0.87, 0.5), (-0.87, 0.5)],
-    "diamond": [(0.0, -1.0), (0.65, 0.0), (0.0, 1.0), (-0.65, 0.0)],
-    "cross": [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1),
-              (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)],
-}
-
-
-def _footprint(shape: str, size: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
-    """Boolean [size, size] pixels of one shape, drawn without anti-aliasing."""
-    canvas = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(canvas)
-    if shape in ("circle", "ring"):
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=1)
-        if shape == "ring":
-            inner = 0.55 * r
-            draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
-    else:
-        draw.polygon(_polygon(cx, cy, r, angle, _UNIT_SHAPES[shape]), fill=1)
-    return np.asarray(canvas, dtype=bool)
-
-
-def _place(rng: np.random.Generator, shape: str, size: int, taken: np.ndarray) -> np.ndarray:
-    """A footprint that overlaps the shapes already placed as little as a few tries allow."""
-    best = None
-    for _ in range(30):
-        r = rng.uniform(0.14, 0.28) * size
-        cx, cy = rng.uniform(r, size - r, size=2)
-        fp = _footprint(shape, size, cx, cy, r, rng.uniform(0, 2 * math.pi))
-        overlap = int((fp & taken).sum())
-        if best is None or overlap < best[0]:
-            best = (overlap, fp)
-        if overlap == 0:
-            break
-    return best[1]
 
 
 def render_sample(rng: np.random.Generator, names: Sequence[str],
                   size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(positive RGB, twin RGB, uint8 label map) of one sample showing the classes `names`."""
-    twin = _background(rng, size)
-    image = twin.copy()
-    labels = np.zeros((size, size), dtype=np.uint8)
-    for index, name in enumerate(names, 1):
-        shape, colour = parse_class(name)
-        fp = _place(rng, shape, size, labels > 0)
-        # A little shading noise so the class is a colour region, not one exact RGB value.
-        shade = rng.normal(0.0, 6.0, size=(int(fp.sum()), 1))
-        image[fp] = np.clip(np.asarray(colour, dtype=np.float64) + shade, 0, 255).astype(np.uint8)
-        labels[fp] = index
-    return image, twin, labels
-
-
-def _prompt(names: Sequence[str]) -> str:
-    return f"{' and '.join('a ' + n for n in names)} on {BACKGROUND_PROMPT}"
+    return draw_scene(rng, names, size)
 
 
 def write_synthetic_run(
@@ -138,6 +53,7 @@ def write_synthetic_run(
     max_classes: int = 2,
     jpeg_quality: int = 95,
     writer_id: str = "0",
+    floors: Sequence[str] | None = None,
 ) -> list[str]:
     """Write `num_samples` shape samples into the run directory `out_dir`; return the class names.
 
@@ -146,6 +62,9 @@ def write_synthetic_run(
     "negative_prompt", "seed", "mask_source" and the rest of generate's metadata. Keys come from
     `sample_key`, so samples a directory already holds are not written again, and another
     seed (a held-out split, or more data in the same directory) gives other keys.
+
+    `floors` draws each sample on one of the world's named floors ("grey floor"), captioned as
+    the shapes world captions it; None keeps the one textured background of earlier runs.
     """
     names = [" ".join(c.strip().lower().split()) for c in classes]
     for name in names:
@@ -162,15 +81,16 @@ def write_synthetic_run(
             rng = np.random.default_rng(item_seed)
             count = int(rng.integers(1, max_classes + 1))
             chosen = [names[i] for i in rng.choice(len(names), size=count, replace=False)]
-            prompt = _prompt(chosen)
-            key = sample_key(MODEL_ID, prompt, BACKGROUND_PROMPT, item_seed)
+            floor_name = floors[int(rng.integers(len(floors)))] if floors else ANY_FLOOR
+            prompt, negative = caption(chosen, floor_name), caption([], floor_name)
+            key = sample_key(MODEL_ID, prompt, negative if floors else BACKGROUND_PROMPT, item_seed)
             if key in done:
                 continue
-            image, twin, labels = render_sample(rng, chosen, size)
+            image, twin, labels = draw_scene(rng, chosen, size, floor_name)
             files = {"pos.jpg": encode_jpeg(image, jpeg_quality), "neg.jpg": encode_jpeg(twin, jpeg_quality)}
             meta = {
                 "key": key, "prompt_id": f"synthetic-{seed}-{index}", "classes": chosen,
-                "prompt": prompt, "negative_prompt": BACKGROUND_PROMPT, "seed": item_seed,
+                "prompt": prompt, "negative_prompt": negative if floors else BACKGROUND_PROMPT, "seed": item_seed,
                 "model": MODEL_ID, "preset": "synthetic", "size": [size, size],
                 "shared_noise": True, "mask_source": "synthetic" if masks else "none",
             }

@@ -16,6 +16,7 @@ BUILTIN = {
     "context": "context.txt",
     "coco-object": "coco-object.txt",
     "coco-stuff": "coco-stuff.txt",
+    "shapes": "shapes.txt",
 }
 
 # The reference prompt-file format is `cls1,cls2: description`, so these cannot be in a name.
