@@ -87,8 +87,13 @@ def headline(name: str, data: dict) -> list[tuple[str, str, str]]:
             rows.append((f"counterfactual, {noise.replace('_', ' ')}: class absent from the negative",
                          f"{c['class_absent']:.3f}", f"pixel agreement outside the object {c['pixel_agreement_outside']:.3f}"))
         return rows
+    if data.get("benchmark") == "quality-sweep":
+        last = data["rounds"][-1]
+        return [(f"attention masks: layers at factors {r['factors']}, steps {r['steps']}, threshold {r['threshold']}, "
+                 f"self-attention power {r['self_attention_power']}", f"{r['miou']:.3f}", "mIoU, last round of the sweep")
+                for r in last]
     if data.get("benchmark") == "ablation":
-        return [(f"pretrained on {arm}: mIoU (all / seen / unseen classes)", f"{r['miou']:.3f}",
+        return [(f"segmentation model, {arm}: mIoU (all / seen / unseen classes)", f"{r['miou']:.3f}",
                  f"{r['miou_seen']:.3f} / {r['miou_unseen']:.3f}; {data['pairs']} pairs, {data['pretrain_steps']} steps")
                 for arm, r in data["arms"].items()]
     rows = []

@@ -1,15 +1,10 @@
 import os
-import sys
-from pathlib import Path
 
-# `python -m pytest` puts the checkout's root first on sys.path, where the source folder
-# kernels/ (installed as magicseg_engine.kernels) would shadow the `kernels` package that
-# transformers imports. The tests use the installed package, never the folders by name.
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# First: `python -m pytest` puts the checkout's root on sys.path, and importing the package
+# takes it off again before any test imports transformers (see magicseg_engine/__init__.py).
+import magicseg_engine  # noqa: F401
+import pytest
+import torch
 
 # Triton kernels run under the interpreter on machines without a GPU. The variable is read
 # when a kernel is decorated, so it must be set before any kernel module is imported.

@@ -94,6 +94,18 @@ def resumable_progress(bar: Progress, description: str, unit: str):
     return advance
 
 
+def staged_progress(bar: Progress):
+    """A `progress(stage, done, total)` callback: one bar per stage, added when it first reports."""
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total, unit="items")
+        bar.update(tasks[stage], completed=done)
+
+    return update
+
+
 BACKEND_HELP = ("torch, compile (torch.compile; CUDA graphs on a GPU), onnxruntime or tensorrt "
                 "(these two run the files of --engines).")
 ENGINES_HELP = "Folder written by build-engines, for --backend onnxruntime or tensorrt."
@@ -1067,13 +1079,7 @@ def bench_quality_command(
                                                 "weights": "random" if random_weights else None}})
     records = build_prompts(config.prompts, vocab=load_vocabulary("shapes"), num=pairs).records
     with progress_bar() as bar:
-        tasks: dict[str, int] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total, unit="items")
-            bar.update(tasks[stage], completed=done)
-
+        on_progress = staged_progress(bar)
         result = run_quality(config, records, device, batch_size, sweep=sweep, progress=on_progress, picture=picture)
     _write_bench_json(result, json_out)
     if chart_out:
@@ -1103,13 +1109,7 @@ def bench_ablation_command(
     names = split(held_out) if held_out else list(DEFAULT_HELD_OUT)
     train = split(train_classes) if train_classes else None
     with progress_bar() as bar:
-        tasks: dict[str, int] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total, unit="items")
-            bar.update(tasks[stage], completed=done)
-
+        on_progress = staged_progress(bar)
         result = run_ablation(work, pairs=pairs, steps=steps, eval_images=eval_images, held_out=names, train=train,
                               seed=seed,
                               device=_resolve_device(device), progress=on_progress)
