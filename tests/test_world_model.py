@@ -1,7 +1,5 @@
 """train-world and the shipped `shapes` weights: training, resuming, loading, and what the model draws."""
 
-import json
-
 import numpy as np
 import pytest
 import torch

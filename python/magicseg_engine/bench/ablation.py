@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from magicseg_engine.errors import UsageError
-from magicseg_engine.world.shapes import World, world_classes
+from magicseg_engine.world.shapes import World
 
 # One class of each colour and each shape: the held-out set covers the world without leaving
 # any colour or shape word unseen in training.

@@ -20,7 +20,6 @@ self-attention refinement) scores each variant on the same images without sampli
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -33,8 +32,6 @@ import torch.nn.functional as F
 from magicseg_engine.config import MaskConfig, RunConfig
 from magicseg_engine.generate.attention import AttentionCapture, _step_range, cross_attention_layers
 from magicseg_engine.world.shapes import WORLD_SHAPES, find_class, split_class, truth_labels
-
-log = logging.getLogger(__name__)
 
 
 class StepwiseCapture(AttentionCapture):

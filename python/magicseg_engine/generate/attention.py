@@ -251,7 +251,9 @@ class AttentionCapture:
     `factors` picks layers by how many times smaller than the latent they are (default: those
     of DEFAULT_FACTORS the UNet has, else all); `layer_names` picks modules by name instead.
     `use_triton`: None uses the Triton kernel for CUDA tensors and the torch reference
-    elsewhere; True or False forces one.
+    elsewhere; True or False forces one. `self_attention_power` > 0 also reads the
+    self-attention of the finest chosen level and refines the maps with it that many times
+    (DiffSegmenter's and Dataset Diffusion's refinement); `bench quality --sweep` measures it.
     """
 
     def __init__(

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from magicseg_engine.atomic import atomic_write_text
 from magicseg_engine.errors import UsageError
 from magicseg_engine.world.model import SHAPES_TEXT_ENCODER, ShapesModels, build_shapes_models, pack
-from magicseg_engine.world.shapes import FLOORS, World, split_class
+from magicseg_engine.world.shapes import FLOORS, World
 
 
 class WorldTrainConfig(BaseModel):
