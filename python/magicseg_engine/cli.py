@@ -1095,6 +1095,7 @@ def bench_ablation_command(
     steps: Annotated[int, typer.Option("--steps", help="Pretraining steps of each arm.")] = 400,
     eval_images: Annotated[int, typer.Option("--eval-images", help="Held-out scenes to evaluate on.")] = 128,
     held_out: Annotated[Optional[str], typer.Option("--held-out", help="Comma-separated classes kept out of generation and training (default: one per colour and shape).")] = None,
+    bg_threshold: Annotated[float, typer.Option("--bg-threshold", help="Evaluation: a pixel is background unless a class scores above this (evaluate's default 0.5).")] = 0.5,
     train_classes: Annotated[Optional[str], typer.Option("--train-classes", help="Comma-separated classes to generate and train on (default: every other class); must not overlap --held-out.")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: BenchDevice = "auto",
@@ -1111,7 +1112,7 @@ def bench_ablation_command(
     with progress_bar() as bar:
         on_progress = staged_progress(bar)
         result = run_ablation(work, pairs=pairs, steps=steps, eval_images=eval_images, held_out=names, train=train,
-                              seed=seed,
+                              seed=seed, bg_threshold=bg_threshold,
                               device=_resolve_device(device), progress=on_progress)
     _write_bench_json(result, json_out)
     table = Table(title=f"pretraining ablation: {pairs} pairs, {steps} steps, {eval_images} held-out scenes, "

@@ -107,7 +107,7 @@ def generate_run(out: Path, classes: Sequence[str], pairs: int, seed: int, devic
 
 def run_ablation(work: Path, *, pairs: int = 512, steps: int = 400, eval_images: int = 128,
                  held_out: Sequence[str] = DEFAULT_HELD_OUT, train: Sequence[str] | None = None,
-                 seed: int = 0, device: str = "cpu",
+                 seed: int = 0, device: str = "cpu", bg_threshold: float = 0.5,
                  progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Run the four arms in the folder `work` (kept, so a second call resumes) and score them."""
     import torch
@@ -121,6 +121,8 @@ def run_ablation(work: Path, *, pairs: int = 512, steps: int = 400, eval_images:
 
     if pairs <= 0 or steps <= 0 or eval_images <= 0:
         raise UsageError("--pairs, --steps and --eval-images must be positive")
+    if not 0.0 < bg_threshold < 1.0:
+        raise UsageError(f"--bg-threshold {bg_threshold} must lie between 0 and 1")
     world = World().check()
     classes = list(world.classes)
     train_classes = check_held_out(list(held_out), classes, train)
@@ -159,7 +161,8 @@ def run_ablation(work: Path, *, pairs: int = 512, steps: int = 400, eval_images:
         torch.manual_seed(seed)
         untrained = MagicSegModel(init.model).eval()
     # The model's own crop: the world's small images are scaled up to it, as in training.
-    settings = EvalSettings(slide=SlideSettings.for_crop(init.model.image_size), num_workers=0)
+    settings = EvalSettings(slide=SlideSettings.for_crop(init.model.image_size), bg_threshold=bg_threshold,
+                            num_workers=0)
     dataset = load_dataset("voc", eval_root, class_names=classes)
     results = {}
     for arm in ARMS:
@@ -175,6 +178,7 @@ def run_ablation(work: Path, *, pairs: int = 512, steps: int = 400, eval_images:
     from magicseg_engine.generate.models import model_identity
 
     return {"benchmark": "ablation", "pairs": pairs, "pretrain_steps": steps, "eval_images": eval_images, "seed": seed,
+            "bg_threshold": bg_threshold,
             "held_out": list(held_out), "train_classes": len(train_classes), "arms": results,
             "generated_by": model_identity(load_preset("shapes").diffusion),
             "seconds": round(time.perf_counter() - t0, 1), "machine": device_info(torch.device(device))}
