@@ -112,9 +112,12 @@ def run_ablation(work: Path, *, pairs: int = 512, steps: int = 400, eval_images:
     """Run the four arms in the folder `work` (kept, so a second call resumes) and score them."""
     import torch
 
+    from magicseg_engine.bench.common import device_info
+    from magicseg_engine.config import load_preset
     from magicseg_engine.evaluate.datasets import load_dataset
     from magicseg_engine.evaluate.inference import SlideSettings
     from magicseg_engine.evaluate.run import EvalSettings, Segmenter, evaluate, load_segmenter
+    from magicseg_engine.generate.models import model_identity
     from magicseg_engine.train.loop import load_pretrain_preset, pretrain
     from magicseg_engine.train.model import MagicSegModel
     from magicseg_engine.train.synthetic import write_synthetic_run
@@ -173,10 +176,6 @@ def run_ablation(work: Path, *, pairs: int = 512, steps: int = 400, eval_images:
                         "harmonic_miou": scored["harmonic_miou"], "background_iou": scored["iou"].get("background")}
         if progress:
             progress("evaluate", len(results), len(ARMS))
-    from magicseg_engine.bench.common import device_info
-    from magicseg_engine.config import load_preset
-    from magicseg_engine.generate.models import model_identity
-
     return {"benchmark": "ablation", "pairs": pairs, "pretrain_steps": steps, "eval_images": eval_images, "seed": seed,
             "bg_threshold": bg_threshold,
             "held_out": list(held_out), "train_classes": len(train_classes), "arms": results,

@@ -333,14 +333,10 @@ def _build_random(
 
 
 def _shipped_id() -> str:
-    from magicseg_engine.world.model import file_digest, shipped_path
+    from magicseg_engine.world.model import file_digest, require_weights, shipped_path
 
-    path = shipped_path()
-    if not path.is_file():
-        raise UsageError(f"the shapes weights {path} are missing; reinstall magicseg-engine, or train them "
-                          "with `magicseg-engine train-world --out DIR` and pass --model DIR")
     # The file's content, not its path: an installed copy and a checkout give the same keys.
-    return f"shapes@{file_digest(path)}"
+    return f"shapes@{file_digest(require_weights(shipped_path()))}"
 
 
 def _load_shipped(device: torch.device, dtype: torch.dtype) -> DiffusionModels:

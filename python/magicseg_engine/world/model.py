@@ -109,7 +109,9 @@ def pack(models: ShapesModels, token_ids: list[int], out: Path, metadata: dict[s
     `token_ids` are the embedding rows kept; `metadata` (the training command, seed, losses)
     is stored in the file's header next to the VAE's scaling factor.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from magicseg_engine.atomic import atomic_output
 
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in (("unet", models.unet), ("vae", models.vae), ("text_encoder", models.text_encoder)):
@@ -121,15 +123,22 @@ def pack(models: ShapesModels, token_ids: list[int], out: Path, metadata: dict[s
     tensors["token_ids"] = ids
     header = {"scaling_factor": str(float(models.vae.config.scaling_factor)), "world": json.dumps(metadata)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=header)
-    tmp.replace(out)
+    with atomic_output(out, "wb") as f:
+        f.write(save(tensors, metadata=header))
     return file_digest(out)
 
 
 def _embedding_key(tensors: dict[str, torch.Tensor]) -> str | None:
     # transformers 5 dropped the "text_model." level of CLIPTextModel's names; match either.
     return next((k for k in tensors if k.startswith("text_encoder.") and k.endswith("token_embedding.weight")), None)
+
+
+def require_weights(path: Path) -> Path:
+    """`path`, or UsageError saying how to get the shapes weights back."""
+    if not path.is_file():
+        raise UsageError(f"the shapes weights {path} are missing; reinstall magicseg-engine, or train "
+                         "them with `magicseg-engine train-world --out DIR` and pass --model DIR")
+    return path
 
 
 def file_digest(path: Path) -> str:
@@ -143,9 +152,7 @@ def unpack(path: Path) -> tuple[ShapesModels, dict[str, Any]]:
     """
     from safetensors import safe_open
 
-    if not path.is_file():
-        raise UsageError(f"the shapes weights {path} are missing; reinstall magicseg-engine, or train "
-                         "them with `magicseg-engine train-world --out DIR` and pass --model DIR")
+    require_weights(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}

@@ -21,7 +21,6 @@ same weights as one that never stopped.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from magicseg_engine.atomic import atomic_write_text
+from magicseg_engine.atomic import atomic_output, atomic_write_text
 from magicseg_engine.errors import UsageError
+from magicseg_engine.train.loop import warmup_cosine
 from magicseg_engine.world.model import SHAPES_TEXT_ENCODER, ShapesModels, build_shapes_models, pack
 from magicseg_engine.world.shapes import FLOORS, World
 
@@ -108,19 +108,9 @@ def _generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + stage * 100_003 + step) % 2**63)
 
 
-def _cosine(warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
 def _save(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_output(path, "wb") as f:
+        torch.save(state, f)
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -144,7 +134,7 @@ def _train_vae(vae: torch.nn.Module, scenes: Scenes, cfg: WorldTrainConfig, stat
                progress: Progress | None) -> float:
     path = state_dir / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(min(cfg.warmup, cfg.vae_steps // 4), cfg.vae_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(min(cfg.warmup, cfg.vae_steps // 4), cfg.vae_steps, 0.0))
     start, loss_value = 0, float("nan")
     saved = _load(path)
     if saved is not None:
@@ -210,7 +200,7 @@ def _train_unet(models: ShapesModels, mean: torch.Tensor, token_ids: torch.Tenso
     noise_schedule = DDPMScheduler.from_config(SD15_SCHEDULER)
     params = list(models.unet.parameters()) + list(models.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.warmup, cfg.unet_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.unet_steps, 0.0))
     start, loss_value = 0, float("nan")
     saved = _load(path)
     if saved is not None:
