@@ -4,8 +4,8 @@ The three models are ordinary diffusers and transformers classes, in the block l
 Diffusion v1 at a few thousandths of its width: a 4x VAE (32x32 images, 8x8 latents), a UNet
 with cross-attention at the 8x8 and 4x4 levels and in its mid block, and a two-layer CLIP
 text encoder over the real CLIP BPE vocabulary. 32x32 images keep every shape several latent
-pixels wide while a UNet step costs a third of one on 16x16 latents: on two CPU cores, that is
-what lets ten minutes of training teach shapes and not only colours.
+pixels wide while keeping the UNet's steps cheap enough for about ten minutes of training on
+two CPU cores.
 
 The shipped copy (`weights/shapes.safetensors`) is one float16 file with every tensor of the
 three models, except that the token embedding keeps only the rows of the tokens the world's
@@ -47,14 +47,14 @@ SHAPES_VAE: dict[str, Any] = {
     "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D"] * 3,
     "up_block_types": ["UpDecoderBlock2D"] * 3,
-    # Narrow at full resolution, where a VAE spends most of its time: twice the images per
-    # second of [32, 64, 64], and better reconstructions for the same minutes of training.
+    # Narrow at full resolution, where a VAE spends most of its time: more images per minute
+    # of training, and in our runs better reconstructions than [32, 64, 64] in the same time.
     "block_out_channels": [16, 32, 64],
     "layers_per_block": 1,
     "latent_channels": 4,
     "norm_num_groups": 8,
     "sample_size": 32,
-    # No attention in the mid block: it slows every VAE step, and 64x64 shapes reconstruct without it.
+    # No attention in the mid block: it slows every VAE step, and the shapes reconstruct without it.
     "mid_block_add_attention": False,
     # Replaced after VAE training by 1 / std of the training latents, as SD's was chosen.
     "scaling_factor": 1.0,
