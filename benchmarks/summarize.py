@@ -82,6 +82,11 @@ def headline(name: str, data: dict) -> list[tuple[str, str, str]]:
         rows.append(("prompt adherence: every requested class drawn", f"{adh['all_classes']:.3f}",
                      f"colour alone {adh['all_classes_colour']:.3f}; a random shape would be right "
                      f"{adh['chance_shape_given_colour']:.3f} of the time"))
+        rank = data.get("denoiser_ranking")
+        if rank:
+            rows.append(("denoiser ranking: the true shape's caption has the lowest loss", f"{rank['shape_first']:.3f}",
+                         f"true colour first {rank['colour_first']:.3f}; chance {rank['chance']['shape']:.3f}; "
+                         f"{rank['images']} true images"))
         for noise in ("shared_noise", "independent_noise"):
             c = cf[noise]
             rows.append((f"counterfactual, {noise.replace('_', ' ')}: class absent from the negative",

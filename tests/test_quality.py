@@ -124,12 +124,30 @@ def test_bench_quality_reports_every_route_from_the_code(tmp_path):
         assert 0.0 <= r["miou"] <= 1.0
     assert 0.0 <= saved["adherence"]["all_classes"] <= saved["adherence"]["all_classes_colour"] <= 1.0
     assert set(saved["counterfactual"]) == {"shared_noise", "independent_noise"}
+    rank = saved["denoiser_ranking"]
+    assert rank["images"] == 72 and 0.0 <= rank["shape_first"] <= 1.0 and rank["chance"]["shape"] == pytest.approx(1 / 6)
     assert chart.stat().st_size > 1000
     # The same seed gives the same numbers; another seed draws other pairs.
     again = tmp_path / "again.json"
     assert invoke("bench", "quality", "--pairs", 6, "--steps", 6, "--batch-size", 6, "--device", "cpu",
                   "--json", again).exit_code == 0
     assert json.loads(again.read_text())["masks"] == saved["masks"]
+
+
+def test_the_denoiser_ranks_the_true_shape_first_only_when_trained():
+    """The shipped model's loss prefers the true shape's caption far above chance and the true
+    colour's almost always; random weights prefer one caption whatever the image: chance."""
+    from magicseg_engine.bench.denoiser import denoiser_ranking
+    from magicseg_engine.generate.models import load_diffusion
+
+    ranks = {w: denoiser_ranking(load_diffusion(load_preset("shapes", {"diffusion": {"weights": w}}).diffusion, "cpu"),
+                                 images=36, seed=1)
+             for w in ("shipped", "random")}
+    shipped, random = ranks["shipped"], ranks["random"]
+    assert shipped["colour_first"] >= 0.9, shipped
+    assert shipped["shape_first"] >= 0.4, shipped  # chance: 1/6
+    assert random["shape_first"] <= 0.3 and random["colour_first"] <= 0.3, random
+    assert set(shipped["shape_first_per_shape"]) == {"circle", "square", "triangle", "star", "ring", "cross"}
 
 
 def test_bench_quality_refuses_presets_without_a_truth():

@@ -1140,6 +1140,10 @@ def _print_quality(result: dict) -> None:
         f"of negatives, pixel agreement outside the object {cf['shared_noise']['pixel_agreement_outside']:.1%} "
         f"(independent noise: {cf['independent_noise']['class_absent']:.1%}, "
         f"{cf['independent_noise']['pixel_agreement_outside']:.1%}).", highlight=False)
+    rank = result["denoiser_ranking"]
+    stderr.print(f"denoiser ranking on {rank['images']} true images: the true shape first {rank['shape_first']:.1%}, "
+                 f"the true colour first {rank['colour_first']:.1%} (chance {rank['chance']['shape']:.1%}).",
+                 highlight=False)
     if "sweep" in result:
         best = max(result["sweep"], key=lambda r: r["miou"])
         stderr.print(f"sweep: {len(result['sweep'])} settings; best mIoU {best['miou']:.3f} with factors "

@@ -10,7 +10,9 @@ pairs this measures:
   each mask route (attention alone, attention + SAM, detector + SAM), and for the reference
   layout, one binary mask per image that every class of the image gets;
 - counterfactual fidelity: the negatives from which the class is really gone, and how much of
-  the image outside the object the pair shares, with shared noise and with `--independent-noise`.
+  the image outside the object the pair shares, with shared noise and with `--independent-noise`;
+- the denoiser's ranking (`bench.denoiser`): how often its loss prefers the true shape's caption
+  for a true image of the world, what the model knows of the shapes whether or not it draws them.
 
 The images are rendered once with every cross-attention layer captured at every step
 (`StepwiseCapture`), so the sweep of the mask settings (layers, steps, thresholds,
@@ -294,27 +296,34 @@ def run_quality(config: RunConfig, records, device: str = "cpu", batch_size: int
     factors = _factors(config, rendered)
     routes: dict[str, dict] = {}
     label_maps: dict[str, list[np.ndarray]] = {}
+    # The attention route's masks are only as trained as the diffusion model they come from.
+    unet_weights = "random UNet" if config.diffusion.weights == "random" else "trained"
     for route in ROUTES:
         annotator = _annotator(config, route, device)
         maps = annotate(rendered, annotator, m.capture_steps, factors, m.self_attention_power)
         label_maps[route] = maps
-        weights = "trained" if route == "attention" else "random SAM" + (", random detector" if "detector" in route else "")
+        weights = unet_weights if route == "attention" else "random SAM" + (", random detector" if "detector" in route else "")
         routes[route] = {**score_masks(rendered, maps, keep), "weights": weights}
         if progress:
             progress("masks", len(routes), len(ROUTES))
     routes["reference (binary, attention)"] = {**score_masks(rendered, label_maps["attention"], keep, binary=True),
-                                               "weights": "trained"}
+                                               "weights": unet_weights}
     routes["reference (binary, detector+sam)"] = {
         **score_masks(rendered, label_maps["detector+sam"], keep, binary=True),
         "weights": "random SAM, random detector"}
     for r in routes.values():
         r["images"] = int(sum(keep))
+    from magicseg_engine.bench.denoiser import denoiser_ranking
+    from magicseg_engine.generate.models import load_diffusion
+
+    ranking = denoiser_ranking(load_diffusion(config.diffusion, device, seed=config.seed), seed=config.seed)
     result = {
         "benchmark": "quality", "preset": config.preset, "model_id": model_identity(config.diffusion, device, config.seed),
         "pairs": n, "seed": config.seed, "steps": config.diffusion.steps, "guidance": config.diffusion.guidance,
         "mask_settings": {"capture_steps": list(m.capture_steps), "factors": list(factors),
                           "threshold": m.threshold, "self_attention_power": m.self_attention_power},
         "adherence": adh,
+        "denoiser_ranking": ranking,
         "masks": routes,
         "counterfactual": {"shared_noise": counterfactual(rendered), "independent_noise": counterfactual(independent)},
         "render_seconds": round(rendered.seconds, 2),
