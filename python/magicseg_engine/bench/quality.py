@@ -269,7 +269,8 @@ def run_quality(config: RunConfig, records, device: str = "cpu", batch_size: int
     """Every number `bench quality` reports, for `records` rendered under `config`; with
     `picture` (a path), also a PNG of a few pairs with the attention route's masks."""
     from magicseg_engine.bench.common import device_info
-    from magicseg_engine.generate.models import model_identity
+    from magicseg_engine.bench.denoiser import denoiser_ranking
+    from magicseg_engine.generate.models import load_diffusion, model_identity
 
     n = len(records)
 
@@ -313,9 +314,6 @@ def run_quality(config: RunConfig, records, device: str = "cpu", batch_size: int
         "weights": "random SAM, random detector"}
     for r in routes.values():
         r["images"] = int(sum(keep))
-    from magicseg_engine.bench.denoiser import denoiser_ranking
-    from magicseg_engine.generate.models import load_diffusion
-
     ranking = denoiser_ranking(load_diffusion(config.diffusion, device, seed=config.seed), seed=config.seed)
     result = {
         "benchmark": "quality", "preset": config.preset, "model_id": model_identity(config.diffusion, device, config.seed),
