@@ -101,9 +101,8 @@ def test_self_attention_refinement_is_a_weighted_mean_of_the_map():
     assert capture.self_layers and all(n.endswith("attn1") for n in capture.self_layers)
     n = 16 * 16
     attn = torch.rand(2, n, n)
-    capture._self_sum = attn.clone()
     maps = torch.rand(2, 3, 16, 16)
-    refined = capture._refine(maps)
+    refined = capture._refine(maps, attn.clone(), 1)
     weights = attn / attn.sum(-1, keepdim=True)
     expected = (weights @ maps.reshape(2, 3, n).transpose(1, 2)).transpose(1, 2).reshape(2, 3, 16, 16)
     torch.testing.assert_close(refined, expected)

@@ -100,14 +100,9 @@ class StepwiseCapture(AttentionCapture):
             return maps
         chosen = [self.self_maps[i] for i in sorted(_step_range(steps, len(self.self_maps)))
                   if self.self_maps[i] is not None]
-        saved = (self._self_sum, self.self_attention_power)
-        self._self_sum, self.self_attention_power = torch.stack(chosen).sum(0), power
-        try:
-            B, two, C, h, w = maps.shape
-            rows = maps.transpose(0, 1).reshape(two * B, C, h, w)
-            refined = self._refine(rows)
-        finally:
-            self._self_sum, self.self_attention_power = saved
+        B, two, C, h, w = maps.shape
+        rows = maps.transpose(0, 1).reshape(two * B, C, h, w)
+        refined = self._refine(rows, torch.stack(chosen).sum(0) if chosen else None, power)
         return refined.reshape(two, B, C, h, w).transpose(0, 1).contiguous()
 
 

@@ -448,13 +448,13 @@ class AttentionCapture:
         probs = probs.float()
         self._self_sum = probs if self._self_sum is None else self._self_sum.add_(probs)
 
-    def _refine(self, total: torch.Tensor) -> torch.Tensor:
-        """[2B, C, h, w] maps, each pixel replaced `self_attention_power` times by the mean of the
-        map over the pixels it attends to (row-normalised self-attention): the maps spread over
-        the object the UNet groups together, and stop at its edges."""
-        if self._self_sum is None:
+    def _refine(self, total: torch.Tensor, self_sum: torch.Tensor | None, power: int) -> torch.Tensor:
+        """[2B, C, h, w] maps, each pixel replaced `power` times by the mean of the map over the
+        pixels it attends to in `self_sum` [2B, N, N] (row-normalised self-attention): the maps
+        spread over the object the UNet groups together, and stop at its edges."""
+        if self_sum is None:
             raise RuntimeError("self-attention refinement was asked for but no self-attention was recorded")
-        attn = self._self_sum / self._self_sum.sum(-1, keepdim=True).clamp_min(1e-12)
+        attn = self_sum / self_sum.sum(-1, keepdim=True).clamp_min(1e-12)
         rows, classes, h0, w0 = total.shape
         f = self.self_attention_factor
         h, w = math.ceil(h0 / f), math.ceil(w0 / f)
@@ -462,7 +462,7 @@ class AttentionCapture:
             raise RuntimeError(f"self-attention has {attn.shape[-1]} positions, not {h}x{w}")
         grid = F.adaptive_avg_pool2d(total, (h, w)) if (h, w) != (h0, w0) else total
         flat = grid.reshape(rows, classes, h * w).transpose(1, 2)
-        for _ in range(self.self_attention_power):
+        for _ in range(power):
             flat = attn @ flat
         grid = flat.transpose(1, 2).reshape(rows, classes, h, w)
         if (h, w) != (h0, w0):
@@ -546,5 +546,5 @@ class AttentionCapture:
             if self._calls:
                 total /= self._calls
             if self.self_attention_power:
-                total = self._refine(total)
+                total = self._refine(total, self._self_sum, self.self_attention_power)
         return total.reshape(2, pairs, classes, h0, w0).transpose(0, 1).contiguous()
