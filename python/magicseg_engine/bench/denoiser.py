@@ -57,14 +57,14 @@ def denoiser_ranking(models: DiffusionModels, images: int = 72, seed: int = 0, d
         contexts = [models.text_encoder(models.tokenizer(caps).to(device))[0] for caps in candidates]
         total = torch.zeros(images, len(candidates), dtype=torch.float64)
         for ti, t in enumerate(timesteps):
-            steps = torch.full((images,), t, dtype=torch.long)
+            steps = torch.full((images,), t, dtype=torch.long, device=device)
             for k in range(draws):
                 noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed * 1000 + ti * 10 + k))
                 noise = noise.to(device, dtype)
-                noisy = schedule.add_noise(latents, noise, steps.to(device))
-                target = schedule.get_velocity(latents, noise, steps.to(device)) if v_prediction else noise
+                noisy = schedule.add_noise(latents, noise, steps)
+                target = schedule.get_velocity(latents, noise, steps) if v_prediction else noise
                 for j, context in enumerate(contexts):
-                    pred = models.unet(noisy, steps.to(device), encoder_hidden_states=context).sample
+                    pred = models.unet(noisy, steps, encoder_hidden_states=context).sample
                     total[:, j] += (pred.float() - target.float()).pow(2).mean((1, 2, 3)).double().cpu()
         return total
 

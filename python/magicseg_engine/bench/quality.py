@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from magicseg_engine.config import MaskConfig, RunConfig
 from magicseg_engine.generate.attention import AttentionCapture, _step_range, cross_attention_layers
+from magicseg_engine.generate.models import DiffusionModels
 from magicseg_engine.world.shapes import WORLD_SHAPES, find_class, split_class, truth_labels
 
 
@@ -116,6 +117,7 @@ class RenderedSet:
     negatives: np.ndarray
     batches: list[tuple[slice, StepwiseCapture]] = field(default_factory=list)
     seconds: float = 0.0
+    models: DiffusionModels | None = None  # the sampler's, for measures that need the models themselves
 
 
 def render_set(config: RunConfig, records, device: str, batch_size: int, capture: bool = True,
@@ -145,7 +147,7 @@ def render_set(config: RunConfig, records, device: str, batch_size: int, capture
         if progress:
             progress(len(part))
     return RenderedSet(classes, prompts, np.concatenate(pos), np.concatenate(neg), batches,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, sampler.models)
 
 
 # --- measures -----------------------------------------------------------------------------
@@ -265,7 +267,7 @@ def run_quality(config: RunConfig, records, device: str = "cpu", batch_size: int
     `picture` (a path), also a PNG of a few pairs with the attention route's masks."""
     from magicseg_engine.bench.common import device_info
     from magicseg_engine.bench.denoiser import denoiser_ranking
-    from magicseg_engine.generate.models import load_diffusion, model_identity
+    from magicseg_engine.generate.models import model_identity
 
     n = len(records)
 
@@ -309,7 +311,7 @@ def run_quality(config: RunConfig, records, device: str = "cpu", batch_size: int
         "weights": "random SAM, random detector"}
     for r in routes.values():
         r["images"] = int(sum(keep))
-    ranking = denoiser_ranking(load_diffusion(config.diffusion, device, seed=config.seed), seed=config.seed)
+    ranking = denoiser_ranking(rendered.models, seed=config.seed)
     result = {
         "benchmark": "quality", "preset": config.preset, "model_id": model_identity(config.diffusion, device, config.seed),
         "pairs": n, "seed": config.seed, "steps": config.diffusion.steps, "guidance": config.diffusion.guidance,

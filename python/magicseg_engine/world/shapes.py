@@ -82,8 +82,8 @@ def split_class(name: str) -> tuple[str, str]:
 # --- drawing ------------------------------------------------------------------------------
 
 def floor(rng: np.random.Generator, size: int, grey: tuple[float, float] = _ANY_FLOOR_RANGE) -> np.ndarray:
-    # The synthetic runs' background.
-    """Smooth blotches of muted colour plus pixel noise: texture without any saturated colour."""
+    """The synthetic runs' background: smooth blotches of muted colour plus pixel noise, texture
+    without any saturated colour."""
     grid = 2 + int(rng.integers(0, 5))
     base = rng.uniform(grey[0], grey[1], size=(grid, grid, 1))
     tint = rng.uniform(-15, 15, size=(grid, grid, 3))
