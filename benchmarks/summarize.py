@@ -98,8 +98,17 @@ def headline(name: str, data: dict) -> list[tuple[str, str, str]]:
                  f"self-attention power {r['self_attention_power']}", f"{r['miou']:.3f}", "mIoU, last round of the sweep")
                 for r in last]
     if data.get("benchmark") == "ablation":
+        setting = (f"{data['pairs']} pairs, {data['pretrain_steps']} steps, {data.get('text_tower', 'random')} text tower, "
+                   f"seed {data['seed']}")
+
+        def found(r: dict) -> str:
+            # Results written before the breakdown existed have none.
+            if r.get("foreground_iou") is None:
+                return ""
+            return (f"; objects found {r['foreground_iou']:.3f}, right colour {r['colour_accuracy']:.3f}, "
+                    f"right shape {r['shape_accuracy']:.3f}")
         return [(f"segmentation model, {arm}: mIoU (all / seen / unseen classes)", f"{r['miou']:.3f}",
-                 f"{r['miou_seen']:.3f} / {r['miou_unseen']:.3f}; {data['pairs']} pairs, {data['pretrain_steps']} steps")
+                 f"{r['miou_seen']:.3f} / {r['miou_unseen']:.3f}{found(r)}; {setting}")
                 for arm, r in data["arms"].items()]
     rows = []
     for key, value in data.get("ratios", {}).items():

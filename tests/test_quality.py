@@ -170,6 +170,52 @@ def test_held_out_classes_must_be_world_classes_and_disjoint_from_training():
         check_held_out(["red star"], classes, train=["red star", "blue ring"])
 
 
+def test_attribute_scores_split_mistakes_into_missed_objects_colours_and_shapes(tmp_path):
+    from PIL import Image
+
+    from magicseg_engine.bench.ablation import attribute_scores
+
+    classes = ["red circle", "red star", "blue circle"]
+    true = np.array([[1, 1, 0, 0], [3, 3, 0, 0], [0, 0, 0, 0], [0, 0, 0, 255]], np.uint8)
+    # The red circle called a red star, half the blue circle missed, one pixel of floor called a
+    # red circle, and the ignored pixel called anything: it must not count.
+    predicted = np.array([[2, 2, 0, 0], [3, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2]], np.uint8)
+    for folder, labels in (("pred", predicted), ("true", true)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(labels).save(tmp_path / folder / "a.png")
+    scores = attribute_scores(tmp_path / "pred", tmp_path / "true", ["a"], classes, held_out=["blue circle"])
+    assert scores["foreground_iou"] == pytest.approx(3 / 5)
+    assert scores["colour_accuracy"] == 1.0 and scores["shape_accuracy"] == pytest.approx(1 / 3)
+    assert scores["unseen_colour_accuracy"] == 1.0 and scores["unseen_shape_accuracy"] == 1.0
+
+
+def test_the_ablation_text_tower_is_the_shapes_text_encoder(tmp_path):
+    import open_clip
+
+    from magicseg_engine.bench.ablation import seeded_clip_weights, text_tower_overrides
+    from magicseg_engine.errors import UsageError
+    from magicseg_engine.train.model import MagicSegModel, SegModelConfig, load_clip_weights
+    from magicseg_engine.world.model import shipped_path, unpack
+
+    overrides = text_tower_overrides("shapes")
+    path = seeded_clip_weights(tmp_path / "clip.safetensors", overrides, seed=0)
+    torch.manual_seed(0)
+    model = MagicSegModel(SegModelConfig.preset("tiny", **overrides)).eval()
+    image_tower = {k: v.clone() for k, v in model.clip.visual.state_dict().items()}
+    load_clip_weights(model, path)
+    tokens = open_clip.tokenize(["a red circle on a grey floor", "a blue star and nothing on a dark floor"],
+                                model.config.context_length)
+    with torch.no_grad():
+        expected = unpack(shipped_path())[0].text_encoder(input_ids=tokens).pooler_output
+        torch.testing.assert_close(model.clip.encode_text(tokens), expected, atol=1e-4, rtol=1e-4)
+    # The image tower is the one pretraining draws from the seed: only the text tower changes.
+    for key, value in model.clip.visual.state_dict().items():
+        assert torch.equal(value, image_tower[key]), key
+    assert text_tower_overrides("random") == {}
+    with pytest.raises(UsageError, match="--text-tower"):
+        text_tower_overrides("openai")
+
+
 @pytest.mark.slow
 def test_bench_ablation_runs_its_four_arms_and_resumes(tmp_path):
     work = tmp_path / "abl"
@@ -182,7 +228,13 @@ def test_bench_ablation_runs_its_four_arms_and_resumes(tmp_path):
                                    "true masks (upper bound)", "untrained"]
     for arm in saved["arms"].values():
         assert 0.0 <= arm["miou"] <= 1.0 and arm["miou_unseen"] is not None
-    assert saved["train_classes"] == 30 and len(saved["held_out"]) == 6
+    assert saved["train_classes"] == 30 and len(saved["held_out"]) == 6 and saved["text_tower"] == "shapes"
+    for arm in saved["arms"].values():
+        assert 0.0 <= arm["foreground_iou"] <= 1.0
+    # Every pretraining arm started from the checkpoint with the shapes text encoder in it.
+    for folder in ("pretrain-counterfactual", "pretrain-no-counterfactual", "pretrain-true-masks"):
+        config = json.loads((work / folder / "pretrain.json").read_text())["config"]
+        assert config["clip_weights"].endswith("clip-shapes-text.safetensors") and config["model"]["quick_gelu"]
     # A second call finds every part done and scores the same checkpoints again.
     assert invoke(*args).exit_code == 0
     assert json.loads((tmp_path / "a.json").read_text())["arms"] == saved["arms"]

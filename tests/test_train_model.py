@@ -18,6 +18,7 @@ from magicseg_engine.train.model import (
     load_clip_weights,
     mask_logits,
     param_groups,
+    text_tower_from_transformers,
 )
 
 TINY = SegModelConfig.preset("tiny")
@@ -346,6 +347,32 @@ def test_checkpoints_that_are_not_clip_or_incomplete(tmp_path):
         load_clip_weights(model, partial)
     report = load_clip_weights(model, partial, allow_missing=True)
     assert report.missing == ("ln_final.weight",) and report.unexpected == ("logit_bias",)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_a_transformers_clip_text_encoder_embeds_alike_in_the_text_tower(projection):
+    import open_clip
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(3)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=24, hidden_act="quick_gelu",
+                            projection_dim=48 if projection else 64, eos_token_id=49407)
+    theirs = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+    ours = tiny(seed=4, quick_gelu=True, context_length=24, embed_dim=config.projection_dim)
+    state = text_tower_from_transformers(theirs.state_dict())
+    assert set(state) == {k for k in ours.clip.state_dict() if not k.startswith(("visual.", "logit_"))}
+    ours.clip.load_state_dict(state, strict=False)
+    # Captions of different lengths: the pooled token is each one's end-of-text.
+    tokens = open_clip.tokenize(["a red circle", "a blue star and a green ring on a dark floor"], 24)
+    with torch.no_grad():
+        out = theirs(input_ids=tokens)
+        expected = out.text_embeds if projection else out.pooler_output
+        torch.testing.assert_close(ours.clip.encode_text(tokens), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UsageError, match="no encoder layers"):
+        text_tower_from_transformers({k: v for k, v in theirs.state_dict().items() if ".layers." not in k})
+    with pytest.raises(UsageError, match="is it a CLIP text model"):
+        text_tower_from_transformers({"encoder.weight": torch.zeros(3)})
 
 
 # --- optimiser groups --------------------------------------------------------------------------

@@ -643,6 +643,44 @@ def _normalise_keys(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
+def text_tower_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text encoder's weights, renamed into open_clip's text-tower layout.
+
+    `state` is the state dict of a `CLIPTextModel`, `CLIPTextModelWithProjection` or the text half
+    of a `CLIPModel` (keys with or without the "text_model." level, which transformers 5 dropped).
+    The per-head query, key and value projections become one packed `in_proj`; a model without a
+    text projection gets the identity, so its pooled output is the embedding. A `MagicSegModel`
+    built with the encoder's width, layers, heads, context length (`max_position_embeddings`) and
+    activation (`quick_gelu` for "quick_gelu") then embeds text exactly as the encoder pools it.
+    """
+    def find(suffix: str) -> torch.Tensor:
+        for prefix in ("text_model.", "", "model.text_model."):
+            if prefix + suffix in state:
+                return state[prefix + suffix]
+        raise UsageError(f"the text encoder's weights have no {suffix}; is it a CLIP text model?")
+
+    out = {"token_embedding.weight": find("embeddings.token_embedding.weight"),
+           "positional_embedding": find("embeddings.position_embedding.weight"),
+           "ln_final.weight": find("final_layer_norm.weight"), "ln_final.bias": find("final_layer_norm.bias")}
+    layer = 0
+    while any(k.endswith(f"encoder.layers.{layer}.self_attn.q_proj.weight") for k in state):
+        src, dst = f"encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(
+                [find(f"{src}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")])
+            for theirs, ours in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                                 ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                out[f"{dst}{ours}.{kind}"] = find(f"{src}{theirs}.{kind}")
+        layer += 1
+    if layer == 0:
+        raise UsageError("the text encoder's weights have no encoder layers; is it a CLIP text model?")
+    projection = next((v for k, v in state.items() if k.endswith("text_projection.weight")), None)
+    width = out["ln_final.weight"].shape[0]
+    # open_clip multiplies by its projection (x @ P); a Linear's weight is P transposed.
+    out["text_projection"] = projection.T.contiguous() if projection is not None else torch.eye(width)
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimiser parameter groups
 # ---------------------------------------------------------------------------------------------
