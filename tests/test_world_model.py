@@ -100,7 +100,7 @@ def test_train_world_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path):
     result = invoke("train-world", "--out", out)
     assert result.exit_code == 2 and "--resume" in result.output
     result = invoke("train-world", "--out", out, "--resume")
-    assert result.exit_code == 2 and "no train-world state" in result.output
+    assert result.exit_code == 2 and "no training state" in result.output
     assert (out / "notes.txt").read_text() == "mine"
 
 

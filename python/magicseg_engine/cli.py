@@ -724,6 +724,47 @@ def train_world_command(
                  f"`--preset shapes --model {out}`.", highlight=False)
 
 
+
+@app.command("train-world-sam")
+@reports_usage_errors
+def train_world_sam_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write sam_tiny_shapes.pth (Meta's checkpoint layout) and sam.json into.")],
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the initial weights and every batch.")] = 0,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimiser steps.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Scenes per step.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the training in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete --out and start again.")] = False,
+) -> None:
+    """Train the tiny SAM on the shapes world, prompted as the mask stage prompts it (a few minutes on 2 CPU cores)."""
+    import shlex
+
+    from pydantic import ValidationError
+
+    from magicseg_engine.config import describe_validation_error
+    from magicseg_engine.world.sam import SAM_FILE, SamTrainConfig, train_world_sam
+    from magicseg_engine.world.shapes import World
+
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other; pick one")
+    given = {"seed": seed, "steps": steps, "batch": batch_size, "checkpoint_every": checkpoint_every}
+    try:
+        config = SamTrainConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        raise UsageError(f"invalid train-world-sam settings: {describe_validation_error(err)}") from None
+    command = "magicseg-engine " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with progress_bar() as bar:
+        task = bar.add_task("SAM", total=config.steps, unit="steps")
+
+        def on_progress(done: int, total: int, loss: float | None) -> None:
+            bar.update(task, completed=done, description=f"SAM loss {loss:.4f}" if loss is not None else "SAM")
+
+        summary = train_world_sam(out, config, World(), resume=resume, overwrite=overwrite, progress=on_progress,
+                                  command=command)
+    stderr.print(f"trained in {summary['seconds']:.0f} s (loss {summary['final_loss']:.4f}). Weights: "
+                 f"{out / SAM_FILE}; use them with `--sam-model tiny --sam-checkpoint {out / SAM_FILE}`.",
+                 highlight=False)
+
 class EvalDatasetName(str, Enum):
     voc = "voc"
     context = "context"

@@ -16,6 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from magicseg_engine.errors import UsageError
 
+# The tiny SAM trained on the shapes world (`train-world-sam`); it ships beside the shapes weights.
+SHIPPED_SAM_FILE = "sam_tiny_shapes.pth"
+
+
+def shipped_sam_path() -> Path:
+    """Where the shapes preset's SAM weights are installed (which may be missing in a broken install)."""
+    from importlib import resources
+
+    return Path(str(resources.files("magicseg_engine.world") / "weights" / SHIPPED_SAM_FILE))
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -164,8 +174,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "architecture": "shapes", "weights": "shipped", "height": 32, "width": 32,
             "steps": 20, "guidance": 3.0, "dtype": "float32",
         },
-        "sam": {"model_type": "tiny"},
-        "masks": {"detector_model": "tiny", "refine_with_sam": False, "attention_factors": (1,),
+        "sam": {"model_type": "tiny", "checkpoint": str(shipped_sam_path())},
+        "masks": {"detector_model": "tiny", "attention_factors": (1,),
                   "capture_steps": (0.75, 1.0), "threshold": 0.5},
     },
     "sd15-random": {

@@ -295,20 +295,23 @@ def run_quality(config: RunConfig, records, device: str = "cpu", batch_size: int
     routes: dict[str, dict] = {}
     label_maps: dict[str, list[np.ndarray]] = {}
     # The attention route's masks are only as trained as the diffusion model they come from.
-    unet_weights = "random UNet" if config.diffusion.weights == "random" else "trained"
+    unet_weights = "random UNet" if config.diffusion.weights == "random" else "trained UNet"
+    # The shapes preset's SAM is trained on the world (`train-world-sam`); no detector is.
+    sam_weights = "trained SAM" if config.sam.checkpoint else "random SAM"
+    weights_of = {"attention": unet_weights, "attention+sam": f"{unet_weights}, {sam_weights}",
+                  "detector+sam": f"{sam_weights}, random detector"}
     for route in ROUTES:
         annotator = _annotator(config, route, device)
         maps = annotate(rendered, annotator, m.capture_steps, factors, m.self_attention_power)
         label_maps[route] = maps
-        weights = unet_weights if route == "attention" else "random SAM" + (", random detector" if "detector" in route else "")
-        routes[route] = {**score_masks(rendered, maps, keep), "weights": weights}
+        routes[route] = {**score_masks(rendered, maps, keep), "weights": weights_of[route]}
         if progress:
             progress("masks", len(routes), len(ROUTES))
     routes["reference (binary, attention)"] = {**score_masks(rendered, label_maps["attention"], keep, binary=True),
                                                "weights": unet_weights}
     routes["reference (binary, detector+sam)"] = {
         **score_masks(rendered, label_maps["detector+sam"], keep, binary=True),
-        "weights": "random SAM, random detector"}
+        "weights": weights_of["detector+sam"]}
     for r in routes.values():
         r["images"] = int(sum(keep))
     ranking = denoiser_ranking(rendered.models, seed=config.seed)
@@ -327,7 +330,8 @@ def run_quality(config: RunConfig, records, device: str = "cpu", batch_size: int
     if sweep:
         result["sweep"] = mask_sweep(config, rendered, keep, device, progress)
     if picture is not None:
-        pairs_picture(rendered, label_maps["attention"], picture)
+        # The masks the preset itself writes: refined by SAM when it refines them.
+        pairs_picture(rendered, label_maps["attention+sam" if m.refine_with_sam else "attention"], picture)
     return result
 
 
@@ -381,10 +385,10 @@ def chart(result: dict, path) -> None:
     routes = result["masks"]
     names = list(routes)
     a.barh(names, [routes[r]["miou"] for r in names],
-           color=["#3b7dd8" if routes[r]["weights"] == "trained" else "#bbbbbb" for r in names])
+           color=["#bbbbbb" if "random" in routes[r]["weights"] else "#3b7dd8" for r in names])
     a.invert_yaxis()
     a.set_xlim(0, 1)
-    a.set_xlabel("mIoU against the colour truth (grey: random SAM/detector weights)")
+    a.set_xlabel("mIoU against the colour truth (grey: a route with random weights)")
     a.set_title(f"masks, {result['preset']} preset, {routes[names[0]]['images']} adherent pairs")
     cf = result["counterfactual"]
     labels = ["adherence", "class absent\n(shared)", "class absent\n(independent)", "agreement\n(shared)",

@@ -241,7 +241,11 @@ def _why_unreadable(err: BaseException) -> str:
 
 def _expected_file(model_type: str) -> str:
     official = _OFFICIAL_FILES.get(model_type)
-    return f"a {model_type} state dict" + (f" such as {official}" if official else " saved with torch.save")
+    if official:
+        return f"a {model_type} state dict such as {official}"
+    # The one tiny checkpoint users meet is the shapes preset's, shipped with the package.
+    return ("a tiny state dict such as `magicseg-engine train-world-sam` writes (the shapes preset's "
+            "ships with the package: reinstall magicseg-engine if it is missing)")
 
 
 def _read_checkpoint(path: Path, model_type: str) -> dict[str, torch.Tensor]:

@@ -61,7 +61,7 @@ class WorldTrainConfig(BaseModel):
 # progress(stage, done, total, loss): stage is "scenes", "vae", "latents", "unet" or "export".
 Progress = Callable[[str, int, int, float | None], None]
 
-_STATE_DIR = ".train"
+STATE_DIR = ".train"
 
 
 @dataclass
@@ -295,10 +295,12 @@ def _export(models: ShapesModels, out: Path, token_ids: list[int], info: dict[st
     return digest
 
 
-def _check_out(out: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:
+def check_out(out: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """UsageError unless `out` may take a training run with `settings`: new or empty, emptied by
+    `overwrite`, or resumed with the settings saved in its state folder."""
     import shutil
 
-    saved = out / _STATE_DIR / "settings.json"
+    saved = out / STATE_DIR / "settings.json"
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; name a folder")
     busy = out.is_dir() and any(out.iterdir())
@@ -309,7 +311,7 @@ def _check_out(out: Path, settings: dict[str, Any], resume: bool, overwrite: boo
         raise UsageError(f"{out} is not empty; pass --resume to continue its training or --overwrite to start again")
     if busy and resume:
         if not saved.is_file():
-            raise UsageError(f"{out} holds no train-world state to resume; pass --overwrite or another --out")
+            raise UsageError(f"{out} holds no training state to resume; pass --overwrite or another --out")
         before = json.loads(saved.read_text(encoding="utf-8"))
         if before != settings:
             diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
@@ -324,10 +326,10 @@ def train_world(out: Path, cfg: WorldTrainConfig, world: World, *, resume: bool 
     settings = {"train": cfg.model_dump(), "world": {
         "classes": list(world.classes), "floors": list(world.floors), "size": world.size,
         "max_classes": world.max_classes, "empty_fraction": world.empty_fraction}}
-    _check_out(out, settings, resume, overwrite)
+    check_out(out, settings, resume, overwrite)
     if (out / "world.json").is_file():
         return json.loads((out / "world.json").read_text(encoding="utf-8"))
-    state_dir = out / _STATE_DIR
+    state_dir = out / STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(state_dir / "settings.json", json.dumps(settings, sort_keys=True))
 
