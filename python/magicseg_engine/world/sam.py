@@ -31,7 +31,7 @@ from magicseg_engine.atomic import atomic_output, atomic_write_text
 from magicseg_engine.config import SHIPPED_SAM_FILE as SAM_FILE
 from magicseg_engine.errors import UsageError
 from magicseg_engine.world.shapes import World
-from magicseg_engine.world.train import STATE_DIR, check_out
+from magicseg_engine.world.train import STATE_DIR, check_out, load_state, optimiser_step, save_state, step_generator
 
 
 
@@ -169,8 +169,8 @@ def train_world_sam(out: Path, cfg: SamTrainConfig, world: World, *, resume: boo
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps, 0.0))
     start, loss_value = 0, float("nan")
     state = out / STATE_DIR / "sam.pt"
-    if state.is_file():
-        saved = torch.load(state, map_location="cpu", weights_only=True)
+    saved = load_state(state)
+    if saved is not None:
         sam.load_state_dict(saved["sam"])
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
@@ -178,21 +178,15 @@ def train_world_sam(out: Path, cfg: SamTrainConfig, world: World, *, resume: boo
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        generator = step_generator(cfg.seed, 0, step)
         images, labels, counts = draw_batch(world, cfg.batch, rng)
         prompts, valid = truth_prompts(labels, counts, cfg, generator, masks.positive_points, masks.negative_points)
         loss = _step_loss(sam, images, labels, counts, prompts, valid)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        loss_value = float(loss.detach())
+        loss_value = optimiser_step(loss, opt, sched, clip=params)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            with atomic_output(state, "wb") as f:
-                torch.save({"sam": sam.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                            "step": done, "loss": loss_value}, f)
+            save_state(state, {"sam": sam.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                               "step": done, "loss": loss_value})
         if progress:
             progress(done, cfg.steps, loss_value)
     sam.eval()

@@ -104,16 +104,19 @@ def world_token_ids(world: World) -> list[int]:
     return sorted(ids)
 
 
-def _generator(seed: int, stage: int, step: int) -> torch.Generator:
+def step_generator(seed: int, stage: int, step: int) -> torch.Generator:
+    """The generator of one step's batch: a function of (seed, stage, step), so resuming redraws it."""
     return torch.Generator().manual_seed((seed * 1_000_003 + stage * 100_003 + step) % 2**63)
 
 
-def _save(path: Path, state: dict[str, Any]) -> None:
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """A training checkpoint, written whole or not at all."""
     with atomic_output(path, "wb") as f:
         torch.save(state, f)
 
 
-def _load(path: Path) -> dict[str, Any] | None:
+def load_state(path: Path) -> dict[str, Any] | None:
+    """The checkpoint `save_state` wrote at `path`, None if there is none; UsageError if damaged."""
     if not path.is_file():
         return None
     try:
@@ -121,6 +124,17 @@ def _load(path: Path) -> dict[str, Any] | None:
     except Exception as err:
         raise UsageError(f"the checkpoint {path} is damaged ({type(err).__name__}); "
                          "start again with --overwrite") from None
+
+
+def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, clip: list[torch.nn.Parameter] | None = None) -> float:
+    """Backward, optional gradient clipping to norm 1, one optimiser and schedule step; the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
 
 
 def _pixel_weights(images: torch.Tensor) -> torch.Tensor:
@@ -136,7 +150,7 @@ def _train_vae(vae: torch.nn.Module, scenes: Scenes, cfg: WorldTrainConfig, stat
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(min(cfg.warmup, cfg.vae_steps // 4), cfg.vae_steps, 0.0))
     start, loss_value = 0, float("nan")
-    saved = _load(path)
+    saved = load_state(path)
     if saved is not None:
         vae.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
@@ -146,7 +160,7 @@ def _train_vae(vae: torch.nn.Module, scenes: Scenes, cfg: WorldTrainConfig, stat
     n, size = scenes.images.shape[0], scenes.images.shape[-1]
     crop = min(cfg.vae_crop, size)
     for step in range(start, cfg.vae_steps):
-        g = _generator(cfg.seed, 1, step)
+        g = step_generator(cfg.seed, 1, step)
         idx = torch.randint(0, n, (cfg.vae_batch,), generator=g)
         y, x = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=g))
         batch = scenes.images[idx, :, y:y + crop, x:x + crop]
@@ -156,14 +170,10 @@ def _train_vae(vae: torch.nn.Module, scenes: Scenes, cfg: WorldTrainConfig, stat
         # image. The KL term only keeps the latents near unit scale.
         recon = vae.decode(posterior.mean).sample
         loss = (_pixel_weights(batch) * (recon - batch) ** 2).mean() + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_value = float(loss.detach())
+        loss_value = optimiser_step(loss, opt, sched)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.vae_steps:
-            _save(path, {"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            save_state(path, {"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                          "step": done, "loss": loss_value})
         if progress:
             progress("vae", done, cfg.vae_steps, loss_value)
@@ -175,7 +185,7 @@ def _train_vae(vae: torch.nn.Module, scenes: Scenes, cfg: WorldTrainConfig, stat
 def _encode(vae: torch.nn.Module, scenes: Scenes, state_dir: Path, progress: Progress | None) -> torch.Tensor:
     """The posterior means of every scene: what the VAE was trained to decode."""
     path = state_dir / "latents.pt"
-    saved = _load(path)
+    saved = load_state(path)
     if saved is not None:
         return saved["mean"]
     means = []
@@ -185,7 +195,7 @@ def _encode(vae: torch.nn.Module, scenes: Scenes, state_dir: Path, progress: Pro
         if progress:
             progress("latents", min(n, lo + 256), n, None)
     mean = torch.cat(means)
-    _save(path, {"mean": mean})
+    save_state(path, {"mean": mean})
     return mean
 
 
@@ -202,7 +212,7 @@ def _train_unet(models: ShapesModels, mean: torch.Tensor, token_ids: torch.Tenso
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.unet_steps, 0.0))
     start, loss_value = 0, float("nan")
-    saved = _load(path)
+    saved = load_state(path)
     if saved is not None:
         models.unet.load_state_dict(saved["unet"])
         models.text_encoder.load_state_dict(saved["text_encoder"])
@@ -219,7 +229,7 @@ def _train_unet(models: ShapesModels, mean: torch.Tensor, token_ids: torch.Tenso
     snr_weight = snr.clamp(max=5.0) / snr
     n = mean.shape[0]
     for step in range(start, cfg.unet_steps):
-        g = _generator(cfg.seed, 2, step)
+        g = step_generator(cfg.seed, 2, step)
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=g)
         latents = mean[idx] * scale
         noise = torch.randn(latents.shape, generator=g)
@@ -230,15 +240,10 @@ def _train_unet(models: ShapesModels, mean: torch.Tensor, token_ids: torch.Tenso
         noisy = noise_schedule.add_noise(latents, noise, t)
         pred = models.unet(noisy, t, encoder_hidden_states=context).sample
         loss = ((pred - noise) ** 2).mean((1, 2, 3)).mul(snr_weight[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        loss_value = float(loss.detach())
+        loss_value = optimiser_step(loss, opt, sched, clip=params)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
-            _save(path, {"unet": models.unet.state_dict(), "text_encoder": models.text_encoder.state_dict(),
+            save_state(path, {"unet": models.unet.state_dict(), "text_encoder": models.text_encoder.state_dict(),
                          "opt": opt.state_dict(), "sched": sched.state_dict(), "step": done, "loss": loss_value})
         if progress:
             progress("unet", done, cfg.unet_steps, loss_value)
