@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU rows of benchmarks/results, on a CUDA machine where magicseg-engine is installed:
 #
-#   bash benchmarks/gpu_pass.sh [tune|all|both] [PRESET]      (default: both sd15-random)
+#   bash benchmarks/gpu_pass.sh [tune|all|both|world] [PRESET]      (default: both sd15-random)
 #
 # tune: backend x precision x memory layout x attention kernel x batch size, prompts to shards
 #       with masks, against the reference pipeline; UNet TFLOP/s and the fraction of the dense peak.
 # all:  every benchmark of `bench all` (generate, unet, pipeline, masks, sam, losses, loader, train).
+# world: train-world on the GPU with a schedule 14x the shipped one's (4x the scenes, 4x the batch,
+#       3.6x the steps, a few minutes), then `bench quality` on it: does the shapes model learn to
+#       draw shapes when it is trained longer? (quality-shapes-long-<gpu>-<date>.json)
 # Each writes benchmarks/results/<what>-<preset>-<gpu>-<date>.json, then the results page and
 # charts are made again. Extra options for `bench tune` can be given in TUNE_ARGS, e.g.
 #   TUNE_ARGS="--variants torch:bfloat16,compile:bfloat16 --batch-sizes 8,16" bash benchmarks/gpu_pass.sh tune
@@ -17,8 +20,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 results="$here/results"
 python="${PYTHON:-python}"
 case "$what" in
-  tune|all|both) ;;
-  *) echo "usage: bash benchmarks/gpu_pass.sh [tune|all|both] [PRESET]" >&2; exit 2 ;;
+  tune|all|both|world) ;;
+  *) echo "usage: bash benchmarks/gpu_pass.sh [tune|all|both|world] [PRESET]" >&2; exit 2 ;;
 esac
 
 gpu="$("$python" - <<'EOF'
@@ -35,6 +38,16 @@ date="$(date -u +%F)"
 mkdir -p "$results"
 
 "$python" -m magicseg_engine.cli doctor || true  # the environment, in the log beside the numbers
+
+if [[ "$what" == world ]]; then
+  model="${WORLD_OUT:-/tmp/shapes-long}"
+  "$python" -m magicseg_engine.cli train-world --out "$model" --device cuda --samples 20000 --unet-steps 5000 \
+    --batch-size 256 --resume
+  "$python" -m magicseg_engine.cli bench quality --preset shapes --model "$model" --pairs 128 --device cuda \
+    --json "$results/quality-shapes-long-$gpu-$date.json"
+  "$python" "$here/summarize.py"
+  exit 0
+fi
 
 if [[ "$what" != all ]]; then
   # shellcheck disable=SC2086  # TUNE_ARGS is a list of options

@@ -87,6 +87,29 @@ def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path, short_wor
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.gpu
+def test_training_on_a_gpu_follows_the_cpu_schedule(tmp_path, short_world):
+    """The batches are drawn on the CPU either way, so a GPU run differs only by float rounding."""
+    from safetensors.torch import load_file
+
+    out, summary = short_world
+    gpu = train_world(tmp_path / "gpu", WorldTrainConfig(**SHORT), World(), command="test", device="cuda")
+    assert gpu["device"] == "cuda" and summary["device"] == "cpu"
+    a = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "gpu" / "unet" / "diffusion_pytorch_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-3, rtol=1e-3)
+
+
+def test_train_world_on_a_missing_gpu_is_one_line_and_writes_nothing(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: the refusal only happens without one")
+    out = tmp_path / "w"
+    result = invoke("train-world", "--out", out, "--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA GPU" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
 def test_train_world_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "w"
     result = invoke("train-world", "--out", out, "--size", 16)

@@ -678,6 +678,7 @@ def train_world_command(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Latents per UNet step.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = None,
     size: Annotated[int, typer.Option("--size", help="Image side in pixels (the shipped model: 32).")] = 32,
+    device: Annotated[str, typer.Option("--device", help="Where the models train: cpu (as the shipped weights were), cuda, cuda:N or auto. Batches are drawn on the CPU either way.")] = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the training in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete --out and start again.")] = False,
 ) -> None:
@@ -715,7 +716,7 @@ def train_world_command(
 
     try:
         summary = train_world(out, config, world, resume=resume, overwrite=overwrite, progress=on_progress,
-                              command=command)
+                              command=command, device=_resolve_device(device))
     finally:
         if bar.live.is_started:
             bar.stop()

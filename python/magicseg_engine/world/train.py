@@ -163,7 +163,7 @@ def _train_vae(vae: torch.nn.Module, scenes: Scenes, cfg: WorldTrainConfig, stat
         g = step_generator(cfg.seed, 1, step)
         idx = torch.randint(0, n, (cfg.vae_batch,), generator=g)
         y, x = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=g))
-        batch = scenes.images[idx, :, y:y + crop, x:x + crop]
+        batch = scenes.images[idx, :, y:y + crop, x:x + crop].to(vae.device)
         posterior = vae.encode(batch).latent_dist
         # The posterior mean is decoded, not a sample: a few hundred steps are too few for the
         # encoder to shrink the posterior's unit variance, and sampled latents would drown the
@@ -174,7 +174,7 @@ def _train_vae(vae: torch.nn.Module, scenes: Scenes, cfg: WorldTrainConfig, stat
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.vae_steps:
             save_state(path, {"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                         "step": done, "loss": loss_value})
+                              "step": done, "loss": loss_value})
         if progress:
             progress("vae", done, cfg.vae_steps, loss_value)
     vae.eval()
@@ -191,7 +191,7 @@ def _encode(vae: torch.nn.Module, scenes: Scenes, state_dir: Path, progress: Pro
     means = []
     n = scenes.images.shape[0]
     for lo in range(0, n, 256):
-        means.append(vae.encode(scenes.images[lo:lo + 256]).latent_dist.mean)
+        means.append(vae.encode(scenes.images[lo:lo + 256].to(vae.device)).latent_dist.mean.cpu())
         if progress:
             progress("latents", min(n, lo + 256), n, None)
     mean = torch.cat(means)
@@ -228,6 +228,9 @@ def _train_unet(models: ShapesModels, mean: torch.Tensor, token_ids: torch.Tenso
     snr = alphas / (1 - alphas)
     snr_weight = snr.clamp(max=5.0) / snr
     n = mean.shape[0]
+    # Every random draw is made on the CPU from the step's generator, then moved: the batches
+    # are the same on any device, and a run may resume on another one.
+    device = models.unet.device
     for step in range(start, cfg.unet_steps):
         g = step_generator(cfg.seed, 2, step)
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=g)
@@ -236,15 +239,17 @@ def _train_unet(models: ShapesModels, mean: torch.Tensor, token_ids: torch.Tenso
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
         drop = torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout
         ids = torch.where(drop[:, None], empty_ids[None], token_ids[idx])
+        weight = snr_weight[t].to(device)
+        noisy = noise_schedule.add_noise(latents, noise, t).to(device)
+        noise, t, ids = noise.to(device), t.to(device), ids.to(device)
         context = models.text_encoder(ids)[0]
-        noisy = noise_schedule.add_noise(latents, noise, t)
         pred = models.unet(noisy, t, encoder_hidden_states=context).sample
-        loss = ((pred - noise) ** 2).mean((1, 2, 3)).mul(snr_weight[t]).mean()
+        loss = ((pred - noise) ** 2).mean((1, 2, 3)).mul(weight).mean()
         loss_value = optimiser_step(loss, opt, sched, clip=params)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
             save_state(path, {"unet": models.unet.state_dict(), "text_encoder": models.text_encoder.state_dict(),
-                         "opt": opt.state_dict(), "sched": sched.state_dict(), "step": done, "loss": loss_value})
+                              "opt": opt.state_dict(), "sched": sched.state_dict(), "step": done, "loss": loss_value})
         if progress:
             progress("unet", done, cfg.unet_steps, loss_value)
     models.unet.eval()
@@ -325,8 +330,12 @@ def check_out(out: Path, settings: dict[str, Any], resume: bool, overwrite: bool
 
 
 def train_world(out: Path, cfg: WorldTrainConfig, world: World, *, resume: bool = False, overwrite: bool = False,
-                progress: Progress | None = None, command: str = "") -> dict[str, Any]:
-    """Train the three models of `world` under `cfg` into the diffusers folder `out`; return a summary."""
+                progress: Progress | None = None, command: str = "", device: str = "cpu") -> dict[str, Any]:
+    """Train the three models of `world` under `cfg` into the diffusers folder `out`; return a summary.
+
+    `device` is where the models train; batches are drawn on the CPU either way, so a GPU runs
+    the same schedule (to float rounding), only faster, and longer schedules become practical.
+    """
     world.check()
     settings = {"train": cfg.model_dump(), "world": {
         "classes": list(world.classes), "floors": list(world.floors), "size": world.size,
@@ -341,6 +350,8 @@ def train_world(out: Path, cfg: WorldTrainConfig, world: World, *, resume: bool 
     t0 = time.perf_counter()
     scenes = draw_scenes(world, cfg.samples, cfg.seed, progress)
     models = build_shapes_models(cfg.seed)
+    for module in (models.vae, models.unet, models.text_encoder):
+        module.to(device)
     vae_loss = _train_vae(models.vae, scenes, cfg, state_dir, progress)
     mean = _encode(models.vae, scenes, state_dir, progress)
     models.vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
@@ -353,10 +364,12 @@ def train_world(out: Path, cfg: WorldTrainConfig, world: World, *, resume: bool 
     unet_loss = _train_unet(models, mean, token_ids, empty_ids, cfg, state_dir, progress)
     if progress:
         progress("export", 0, 1, None)
+    for module in (models.vae, models.unet, models.text_encoder):
+        module.to("cpu")
     info = {"command": command, "seed": cfg.seed, "train": cfg.model_dump(), "world": settings["world"],
             "vae_scaling_factor": float(models.vae.config.scaling_factor),
             "final_loss": {"vae_mse": vae_loss, "unet_mse": unet_loss},
-            "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
+            "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__, "device": str(device)}
     _export(models, out, world_token_ids(world), info)
     if progress:
         progress("export", 1, 1, None)
