@@ -432,13 +432,16 @@ def test_token_spans_leave_out_truncated_occurrences():
 
 @pytest.mark.parametrize(
     ("name", "cls"),
-    [("ddim", "DDIMScheduler"), ("dpm-solver++", "DPMSolverMultistepScheduler"), ("euler", "EulerDiscreteScheduler")],
+    [("ddim", "DDIMScheduler"), ("dpm-solver++", "DPMSolverMultistepScheduler"), ("euler", "EulerDiscreteScheduler"),
+     ("unipc", "UniPCMultistepScheduler")],
 )
 def test_schedulers_build_and_are_deterministic(name, cls):
     scheduler = make_scheduler(name, SD15_SCHEDULER)
     assert type(scheduler).__name__ == cls
     if name == "dpm-solver++":
-        assert scheduler.config.algorithm_type == "dpmsolver++"
+        assert scheduler.config.algorithm_type == "dpmsolver++" and scheduler.config.solver_order == 2
+    if name == "unipc":
+        assert scheduler.config.solver_order == 2 and scheduler.config.predict_x0
     scheduler.set_timesteps(20)
     assert len(scheduler.timesteps) == 20
     assert scheduler.config.beta_end == pytest.approx(0.012)

@@ -170,6 +170,38 @@ def test_held_out_classes_must_be_world_classes_and_disjoint_from_training():
         check_held_out(["red star"], classes, train=["red star", "blue ring"])
 
 
+@pytest.mark.slow
+def test_bench_schedulers_scores_every_combination_as_bench_quality_would(tmp_path):
+    from magicseg_engine.bench.quality import run_quality
+    from magicseg_engine.bench.schedulers import run_scheduler_sweep
+    from magicseg_engine.prompts import build_prompts
+    from magicseg_engine.vocab import load_vocabulary
+
+    config = load_preset("shapes", {"seed": 5, "prompts": {"seed": 5}})
+    records = build_prompts(config.prompts, vocab=load_vocabulary("shapes"), num=6).records
+    result = run_scheduler_sweep(config, records, ["ddim", "euler"], [4, 2], "cpu", batch_size=6)
+    rows = result["rows"]
+    assert [(r["scheduler"], r["steps"]) for r in rows] == [("ddim", 4), ("ddim", 2), ("euler", 4), ("euler", 2)]
+    assert result["mask_route"] == "attention+sam" and rows[0]["speedup"] == 1.0 and rows[0]["miou_change"] == 0.0
+    for r in rows:
+        assert 0.0 <= r["mask_miou"] <= 1.0 and 0.0 <= r["class_absent"] <= 1.0 and r["seconds_per_pair"] > 0
+    # A row is what bench quality measures for that scheduler and step count on the same pairs.
+    four = config.model_copy(update={"diffusion": config.diffusion.model_copy(update={"scheduler": "euler", "steps": 4})})
+    quality = run_quality(four, records, "cpu", batch_size=6)
+    assert rows[2]["mask_miou"] == pytest.approx(quality["masks"]["attention+sam"]["miou"])
+    assert rows[2]["class_absent"] == pytest.approx(quality["counterfactual"]["shared_noise"]["class_absent"])
+    # Different schedulers draw different images from the same noise.
+    assert (rows[0]["mask_miou"], rows[0]["pixel_agreement_outside"]) != (rows[2]["mask_miou"], rows[2]["pixel_agreement_outside"])
+
+
+def test_bench_schedulers_refuses_unknown_schedulers_and_step_counts(tmp_path):
+    for args, text in ((("--schedulers", "pndm"), "not a scheduler"), (("--steps", "1"), "at least 2"),
+                       (("--steps", "ten"), "whole numbers"), (("--preset", "tiny"), "needs --preset shapes")):
+        result = invoke("bench", "schedulers", *args, "--json", tmp_path / "s.json")
+        assert result.exit_code == 2 and text in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "s.json").exists()
+
+
 def test_attribute_scores_split_mistakes_into_missed_objects_colours_and_shapes(tmp_path):
     from PIL import Image
 

@@ -70,7 +70,7 @@ class DiffusionConfig(_Strict):
     width: int = Field(512, gt=0)
     steps: int = Field(20, gt=0)
     guidance: float = Field(7.5, ge=0.0)
-    scheduler: Literal["ddim", "dpm-solver++", "euler"] = "ddim"
+    scheduler: Literal["ddim", "dpm-solver++", "euler", "unipc"] = "ddim"
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     # The reference sampled a negative from unrelated noise; kept to measure what sharing buys.
     independent_noise: bool = False

@@ -143,7 +143,7 @@ TINY_TEXT_ENCODER: dict[str, Any] = {
     "pad_token_id": 49407,
 }
 
-_SCHEDULERS = ("ddim", "dpm-solver++", "euler")
+SCHEDULERS = ("ddim", "dpm-solver++", "euler", "unipc")
 
 
 @dataclass
@@ -190,7 +190,7 @@ class DiffusionModels:
 
 def make_scheduler(name: str, scheduler_config: dict):
     """A fresh diffusers scheduler `name` with the model's noise schedule; all deterministic."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 
     config = dict(scheduler_config)
     if name == "ddim":
@@ -198,11 +198,15 @@ def make_scheduler(name: str, scheduler_config: dict):
         return DDIMScheduler.from_config(config)
     if name == "dpm-solver++":
         # The SDE variants of DPM-Solver add noise; the ODE one keeps a seed's image fixed.
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+        # Second order ("DPM-Solver++ 2M"), whatever a model folder's own scheduler config says.
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
     if name == "euler":
         # The non-ancestral Euler: step() adds noise only when asked to through s_churn > 0.
         return EulerDiscreteScheduler.from_config(config)
-    raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(_SCHEDULERS)}")
+    if name == "unipc":
+        # UniPC's multistep predictor-corrector (bh2, second order), an ODE solver like the others.
+        return UniPCMultistepScheduler.from_config(config, solver_order=2, solver_type="bh2", predict_x0=True)
+    raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
