@@ -51,8 +51,8 @@ def test_pretrained_weights_need_a_model():
 
 
 def test_unknown_preset():
-    with pytest.raises(UsageError, match="unknown preset 'sd21'; choose one of: tiny, shapes, sd15-random, sd15"):
-        load_preset("sd21")
+    with pytest.raises(UsageError, match="unknown preset 'sdxl'; choose one of: tiny, shapes, sd15-random, sd21-random, sd15"):
+        load_preset("sdxl")
 
 
 def test_saved_config_round_trips_with_versions(tmp_path):

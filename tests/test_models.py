@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ from magicseg_engine.generate.models import (
     TINY_VAE,
     DiffusionModels,
     load_diffusion,
+    model_identity,
     make_scheduler,
     resolve_dtype,
 )
@@ -224,7 +226,46 @@ def test_sd15_random_has_the_published_parameter_counts():
     assert models.model_id.startswith("sd15-random:seed=0:")
 
 
+def test_sd21_random_has_the_published_parameter_counts_and_samples_by_v_prediction():
+    from magicseg_engine.config import load_preset
+
+    config = load_preset("sd21-random", {"diffusion": {"dtype": "float32"}}).diffusion
+    assert (config.height, config.width) == (768, 768)
+    models = load_diffusion(config, device="meta")
+    counts = {name: sum(p.numel() for p in getattr(models, name).parameters())
+              for name in ("unet", "vae", "text_encoder")}
+    # SD 2.1 as published: UNet 865.91M, the SD VAE, OpenCLIP ViT-H/14's text tower less its last layer.
+    assert counts == {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840}
+    assert models.cross_attention_dim == 1024 == models.text_encoder.config.hidden_size
+    assert models.text_encoder.config.hidden_act == "gelu"
+    assert models.unet.config.sample_size * models.vae_scale_factor == 768
+    assert models.scheduler_config["prediction_type"] == "v_prediction"
+    assert make_scheduler("ddim", models.scheduler_config).config.prediction_type == "v_prediction"
+    assert models.tokenizer.pad_id == 0  # "!", as SD 2.x's tokenizer pads
+    assert models.model_id.startswith("sd21-random:seed=0:")
+    assert model_identity(config, "meta") == models.model_id != model_identity(load_preset("sd15-random").diffusion, "meta")
+
+
 # --- pretrained folders --------------------------------------------------------------------
+
+
+def test_an_sd2_style_folder_samples_by_its_own_v_prediction(saved, tmp_path):
+    from magicseg_engine.generate.sampler import PairedSampler, SamplingSettings
+
+    root, _ = saved
+    sd2 = tmp_path / "sd2"
+    shutil.copytree(root, sd2)
+    config_path = sd2 / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    eps, v = load_diffusion(_pretrained(root)), load_diffusion(_pretrained(sd2))
+    assert v.scheduler_config["prediction_type"] == "v_prediction" and v.tokenizer.pad_id == 0
+    assert v.model_id != eps.model_id  # the schedule is part of the weights' identity
+    # The same weights and noise give other images when the output is read as v instead of epsilon.
+    settings = SamplingSettings(height=64, width=64, steps=3, guidance=2.0, scheduler="ddim")
+    images = [PairedSampler(m, settings, torch.device("cpu"), torch.float32)(["a dog"], ["nothing"], [0]).positives
+              for m in (eps, v)]
+    assert images[0].shape == images[1].shape and not np.array_equal(*images)
 
 
 def test_loads_a_diffusers_folder(saved):

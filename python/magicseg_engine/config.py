@@ -61,7 +61,7 @@ class PromptsConfig(_Strict):
 class DiffusionConfig(_Strict):
     """The text-to-image model and how it is sampled."""
 
-    architecture: Literal["tiny", "shapes", "sd15"]
+    architecture: Literal["tiny", "shapes", "sd15", "sd21"]
     # shipped: the shapes model's weights that come with the package (architecture shapes only).
     weights: Literal["random", "pretrained", "shipped"]
     # A diffusers folder or hub id; required when weights are pretrained.
@@ -181,6 +181,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sd15-random": {
         "preset": "sd15-random",
         "diffusion": {"architecture": "sd15", "weights": "random"},
+        "sam": {"model_type": "vit_h"},
+    },
+    # Stable Diffusion 2.1's architectures (768 px, v-prediction) with random weights: its FLOPs
+    # and memory for throughput runs. Same sampler settings as SD 1.5.
+    "sd21-random": {
+        "preset": "sd21-random",
+        "diffusion": {"architecture": "sd21", "weights": "random", "height": 768, "width": 768},
         "sam": {"model_type": "vit_h"},
     },
     "sd15": {

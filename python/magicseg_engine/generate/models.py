@@ -98,6 +98,34 @@ SD15_SCHEDULER: dict[str, Any] = {
     "prediction_type": "epsilon",
 }
 
+# Published configs of stable-diffusion-2-1 (768 px, v-prediction). The UNet keeps SD 1.5's block
+# layout with OpenCLIP ViT-H's 1024-wide context, a head count per block, linear projections in
+# its transformers and attention upcast to float32 (which 2.1's fp16 weights need).
+SD21_UNET: dict[str, Any] = {
+    **SD15_UNET,
+    "sample_size": 96,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],
+    "use_linear_projection": True,
+    "upcast_attention": True,
+}
+
+SD21_VAE: dict[str, Any] = {**SD15_VAE, "sample_size": 768}
+
+# OpenCLIP ViT-H/14's text tower as transformers' CLIPTextModel, its last layer dropped: SD 2.x
+# reads the penultimate layer, and the published weights stop there.
+SD21_TEXT_ENCODER: dict[str, Any] = {
+    **SD15_TEXT_ENCODER,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "hidden_act": "gelu",
+    "projection_dim": 512,
+}
+
+SD21_SCHEDULER: dict[str, Any] = {**SD15_SCHEDULER, "prediction_type": "v_prediction"}
+
 # Small enough that 64x64 images (8x8 latents) sample in milliseconds per step on a CPU, yet
 # with the same block types as SD so attention capture and the sampler meet the real structure.
 TINY_UNET: dict[str, Any] = {
@@ -144,6 +172,32 @@ TINY_TEXT_ENCODER: dict[str, Any] = {
 }
 
 SCHEDULERS = ("ddim", "dpm-solver++", "euler", "unipc")
+
+
+@dataclass(frozen=True)
+class RandomFamily:
+    """What a random-weights architecture is built from."""
+
+    unet: dict
+    vae: dict
+    text_encoder: dict
+    scheduler: dict
+    pad_token: str  # SD 1.x pads prompts with the end-of-text token, SD 2.x with "!"
+    init_on_cpu: bool  # small models are drawn on the CPU, so a seed gives the same weights anywhere
+
+
+def random_family(architecture: str) -> RandomFamily:
+    """The configs `architecture` is built from with random weights."""
+    if architecture == "shapes":
+        from magicseg_engine.world.model import SHAPES_TEXT_ENCODER, SHAPES_UNET, SHAPES_VAE
+
+        return RandomFamily(SHAPES_UNET, SHAPES_VAE, SHAPES_TEXT_ENCODER, SD15_SCHEDULER, "<|endoftext|>", True)
+    if architecture == "tiny":
+        return RandomFamily(TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER, SD15_SCHEDULER, "<|endoftext|>", True)
+    if architecture == "sd21":
+        return RandomFamily(SD21_UNET, SD21_VAE, SD21_TEXT_ENCODER, SD21_SCHEDULER, "!", False)
+    # Built where it will run: a CPU detour would cost a 4 GB float32 copy and minutes of init.
+    return RandomFamily(SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER, SD15_SCHEDULER, "<|endoftext|>", False)
 
 
 @dataclass
@@ -248,16 +302,10 @@ def load_diffusion(
         models = _load_pretrained(config.model or "", device, dtype)
     elif config.weights == "shipped":
         models = _load_shipped(device, dtype)
-    elif config.architecture == "shapes":
-        from magicseg_engine.world.model import SHAPES_TEXT_ENCODER, SHAPES_UNET, SHAPES_VAE
-
-        models = _build_random("shapes", SHAPES_UNET, SHAPES_VAE, SHAPES_TEXT_ENCODER, seed, torch.device("cpu"),
-                               device, dtype)
-    elif config.architecture == "tiny":
-        models = _build_random("tiny", TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER, seed, torch.device("cpu"), device, dtype)
     else:
-        # Built where it will run: a CPU detour would cost a 4 GB float32 copy and minutes of init.
-        models = _build_random("sd15", SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER, seed, device, device, dtype)
+        family = random_family(config.architecture)
+        init_device = torch.device("cpu") if family.init_on_cpu else device
+        models = _build_random(config.architecture, family, seed, init_device, device, dtype)
     _finish(models, uses_channels_last(channels_last, device))
     return models
 
@@ -277,20 +325,16 @@ def model_identity(config: DiffusionConfig, device: str | torch.device = "cpu", 
         return _pretrained_id(root, _scheduler_config(root), _pad_id(root))
     if config.weights == "shipped":
         return _shipped_id()
-    if config.architecture == "shapes":
-        from magicseg_engine.world.model import SHAPES_TEXT_ENCODER, SHAPES_UNET, SHAPES_VAE
-
-        return _random_id("shapes", SHAPES_UNET, SHAPES_VAE, SHAPES_TEXT_ENCODER, seed, torch.device("cpu"))
-    if config.architecture == "tiny":
-        return _random_id("tiny", TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER, seed, torch.device("cpu"))
-    return _random_id("sd15", SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER, seed, device)
+    family = random_family(config.architecture)
+    return _random_id(config.architecture, family, seed, torch.device("cpu") if family.init_on_cpu else device)
 
 
-def _random_id(name: str, unet_config: dict, vae_config: dict, text_config: dict, seed: int,
-               init_device: torch.device) -> str:
+def _random_id(name: str, family: RandomFamily, seed: int, init_device: torch.device) -> str:
     # Random weights differ between RNG devices (CPU vs CUDA generators) for the same seed.
-    digest = _config_digest(unet_config, vae_config, text_config, SD15_SCHEDULER)
-    return f"{name}-random:seed={seed}:init={init_device.type}:{digest}"
+    parts = [family.unet, family.vae, family.text_encoder, family.scheduler]
+    if family.pad_token != "<|endoftext|>":  # so the ids of the families that pad with it stay as they were
+        parts.append({"pad_token": family.pad_token})
+    return f"{name}-random:seed={seed}:init={init_device.type}:{_config_digest(*parts)}"
 
 
 def _config_digest(*parts: Any) -> str:
@@ -300,9 +344,7 @@ def _config_digest(*parts: Any) -> str:
 
 def _build_random(
     name: str,
-    unet_config: dict,
-    vae_config: dict,
-    text_config: dict,
+    family: RandomFamily,
     seed: int,
     init_device: torch.device,
     device: torch.device,
@@ -317,9 +359,9 @@ def _build_random(
         torch.manual_seed(seed)
         # Per module, so at most one float32 copy exists next to the converted ones.
         for build in (
-            lambda: UNet2DConditionModel.from_config(unet_config),
-            lambda: AutoencoderKL.from_config(vae_config),
-            lambda: CLIPTextModel(CLIPTextConfig(**text_config)),
+            lambda: UNet2DConditionModel.from_config(family.unet),
+            lambda: AutoencoderKL.from_config(family.vae),
+            lambda: CLIPTextModel(CLIPTextConfig(**family.text_encoder)),
         ):
             with init_device:
                 module = build()
@@ -327,13 +369,10 @@ def _build_random(
             # cast, and these freshly built models have none.
             modules.append(torch.nn.Module.to(module, device=device, dtype=dtype))
     unet, vae, text_encoder = modules
-    tokenizer = ClipTokenizer(
-        context_length=int(text_encoder.config.max_position_embeddings),
-        # Stable Diffusion 1.x pads prompts with the end-of-text token.
-        pad_id=clip_token_id("<|endoftext|>"),
-    )
-    model_id = _random_id(name, unet_config, vae_config, text_config, seed, init_device)
-    return DiffusionModels(unet, vae, text_encoder, tokenizer, dict(SD15_SCHEDULER), model_id)
+    tokenizer = ClipTokenizer(context_length=int(text_encoder.config.max_position_embeddings),
+                              pad_id=clip_token_id(family.pad_token))
+    model_id = _random_id(name, family, seed, init_device)
+    return DiffusionModels(unet, vae, text_encoder, tokenizer, dict(family.scheduler), model_id)
 
 
 def _shipped_id() -> str:
