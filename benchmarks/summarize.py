@@ -97,6 +97,12 @@ def headline(name: str, data: dict) -> list[tuple[str, str, str]]:
         return [(f"attention masks: layers at factors {r['factors']}, steps {r['steps']}, threshold {r['threshold']}, "
                  f"self-attention power {r['self_attention_power']}", f"{r['miou']:.3f}", "mIoU, last round of the sweep")
                 for r in last]
+    if data.get("benchmark") == "schedulers":
+        base = data["baseline"]
+        return [(f"{r['scheduler']}, {r['steps']} steps vs {base['scheduler']}, {base['steps']}: speed-up "
+                 f"(mask mIoU, class absent)", f"{r['speedup']:.2f}x",
+                 f"{r['mask_miou']:.3f}, {r['class_absent']:.3f}; {data['pairs']} pairs, masks by {data['mask_route']}")
+                for r in data["rows"]]
     if data.get("benchmark") == "ablation":
         setting = (f"{data['pairs']} pairs, {data['pretrain_steps']} steps, {data.get('text_tower', 'random')} text tower, "
                    f"seed {data['seed']}")

@@ -682,7 +682,7 @@ def train_world_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the training in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete --out and start again.")] = False,
 ) -> None:
-    """Train the `shapes` world's VAE, UNet and CLIP text encoder from scratch (about 11 minutes on 2 CPU cores)."""
+    """Train the `shapes` world's VAE, UNet and CLIP text encoder from scratch (about 12 minutes on 2 idle CPU cores)."""
     import shlex
 
     from pydantic import ValidationError

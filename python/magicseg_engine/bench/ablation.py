@@ -11,7 +11,7 @@
    Every arm starts from the same weights. Its text tower is the shapes model's own text encoder
    (`--text-tower shapes`), the world's counterpart of the pretrained CLIP text encoder the paper
    starts from; a random tower (`--text-tower random`) embeds every class name almost alike
-   (mean cosine 0.9), the shapes one tells colours apart (0.3 across colours).
+   (mean cosine 0.9), the shapes one tells colours apart (0.4 across colours).
 3. Evaluate each zero-shot on held-out scenes of every world class, held-out ones included,
    written in the VOC layout (label 0 background) and scored by `evaluate`: mIoU over all
    classes, over the training classes and over the held-out ones.
