@@ -249,6 +249,11 @@ def counterfactual(rendered: RenderedSet) -> dict:
 ROUTES = ("attention", "attention+sam", "detector+sam")
 
 
+def preset_route(config: RunConfig) -> str:
+    """The route whose masks the preset itself writes: refined by SAM when it refines them."""
+    return "attention+sam" if config.masks.refine_with_sam else "attention"
+
+
 def _annotator(config: RunConfig, route: str, device: str, overrides: dict | None = None):
     from magicseg_engine.pipeline import build_annotator
 
@@ -330,8 +335,7 @@ def run_quality(config: RunConfig, records, device: str = "cpu", batch_size: int
     if sweep:
         result["sweep"] = mask_sweep(config, rendered, keep, device, progress)
     if picture is not None:
-        # The masks the preset itself writes: refined by SAM when it refines them.
-        pairs_picture(rendered, label_maps["attention+sam" if m.refine_with_sam else "attention"], picture)
+        pairs_picture(rendered, label_maps[preset_route(config)], picture)
     return result
 
 

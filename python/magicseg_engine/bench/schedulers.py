@@ -35,11 +35,15 @@ def run_scheduler_sweep(config: RunConfig, records, schedulers: Sequence[str], s
     import torch
 
     from magicseg_engine.bench.common import device_info
-    from magicseg_engine.bench.quality import _annotator, _factors, adherence, annotate, counterfactual, render_set, score_masks
+    from magicseg_engine.bench.quality import (
+        _annotator, _factors, adherence, annotate, counterfactual, preset_route, render_set, score_masks,
+    )
     from magicseg_engine.generate.models import model_identity
 
     check_grid(schedulers, steps)
-    route = "attention+sam" if config.masks.refine_with_sam else "attention"
+    route = preset_route(config)
+    # The mask stage does not depend on the sampler: one annotator (and one SAM) serves every row.
+    annotator = _annotator(config, route, device)
     grid = [(s, n) for s in schedulers for n in steps]
     rows = []
     for i, (scheduler, count) in enumerate(grid):
@@ -48,7 +52,7 @@ def run_scheduler_sweep(config: RunConfig, records, schedulers: Sequence[str], s
         rendered = render_set(cfg, records, device, batch_size)
         adh = adherence(rendered.positives, rendered.classes)
         keep = adh.pop("_coloured")
-        maps = annotate(rendered, _annotator(cfg, route, device), cfg.masks.capture_steps, _factors(cfg, rendered),
+        maps = annotate(rendered, annotator, cfg.masks.capture_steps, _factors(cfg, rendered),
                         cfg.masks.self_attention_power)
         masks = score_masks(rendered, maps, keep)
         cf = counterfactual(rendered)

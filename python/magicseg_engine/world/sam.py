@@ -29,10 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from magicseg_engine.atomic import atomic_output, atomic_write_text
 from magicseg_engine.config import SHIPPED_SAM_FILE as SAM_FILE
-from magicseg_engine.errors import UsageError
 from magicseg_engine.world.shapes import World
 from magicseg_engine.world.train import STATE_DIR, check_out, load_state, optimiser_step, save_state, step_generator
-
 
 
 class SamTrainConfig(BaseModel):
@@ -122,6 +120,8 @@ def _step_loss(sam, images: np.ndarray, labels: np.ndarray, counts: list[int], p
     embeddings = sam.image_encoder(sam.preprocess(pixels))
     boxes = transform.apply_boxes_torch(prompts.boxes.reshape(-1, 4), size).reshape(prompts.boxes.shape)
     points = transform.apply_coords_torch(prompts.points.reshape(-1, 2), size).reshape(prompts.points.shape)
+    # Where the image sits inside the padded input: the same for every image of the batch.
+    scaled = transform.get_preprocess_shape(*size, sam.image_encoder.img_size)
     losses = []
     for b, k in enumerate(counts):
         # Objects the noisy map lost entirely get no prompt, as in the mask stage.
@@ -135,7 +135,6 @@ def _step_loss(sam, images: np.ndarray, labels: np.ndarray, counts: list[int], p
                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                         multimask_output=True)
         # The truth in the low-resolution masks' frame: the padded input, shrunk by 4.
-        scaled = transform.get_preprocess_shape(*size, sam.image_encoder.img_size)
         up = F.interpolate(torch.from_numpy(labels[b:b + 1]).float()[:, None], size=scaled, mode="nearest")[0, 0]
         full = torch.zeros(len(objects), *input_size)  # zero padding, as `preprocess` pads
         full[:, :scaled[0], :scaled[1]] = torch.stack([(up == i + 1).float() for i in objects])
