@@ -1,7 +1,9 @@
 """Interchangeable ways to run the diffusion models: eager torch, torch.compile, ONNX Runtime, TensorRT.
 
 The sampler only ever calls three functions — encode token ids, predict noise, decode latents —
-so a backend is those three callables. Attention capture hooks into torch attention
+so a backend is those three callables. SDXL's extras ride along: `encode_text` gives the pooled
+embedding beside the context (None for SD 1.x/2.x), and `predict_noise` takes the UNet's added
+conditions (`text_embeds`, `time_ids`) as a dict, None where the UNet has none. Attention capture hooks into torch attention
 processors on the torch backends; the exported backends (ONNX Runtime, TensorRT) run the
 unet-capture export on the steps the capture reads, which computes the same maps in its graph.
 `attach_capture` connects a capture to whichever of the two a backend uses.
@@ -30,8 +32,10 @@ ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
 @dataclass
 class DiffusionRunners:
     backend: str
-    encode_text: Callable[[torch.Tensor], torch.Tensor]  # ids [N, L] → hidden states [N, L, D]
-    predict_noise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # latents, t, context → eps
+    # ids [N, L] (or [N, 2, L] for two tokenizers) → (context [N, L, D], pooled [N, P] or None)
+    encode_text: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+    # latents, t, context, added conditions (dict of tensors, or None) → eps
+    predict_noise: Callable[..., torch.Tensor]
     decode: Callable[[torch.Tensor], torch.Tensor]  # final latents → images in [-1, 1]
     # Called once with the run's AttentionCapture before sampling; raises UsageError when this
     # backend cannot feed it.
@@ -51,11 +55,27 @@ def require_onnx() -> None:
         raise UsageError(f"ONNX export and onnxruntime need {err.name}: pip install 'magicseg-engine[onnx]'") from None
 
 
+def text_conditioning(text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module | None,
+                      ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context [N, L, D], pooled [N, P] or None) of token ids from `DiffusionModels.tokenize`.
+
+    One encoder (SD 1.x/2.x): its last hidden state, as their pipelines read it. Two (SDXL):
+    both encoders' penultimate hidden states side by side, and the second one's projected
+    pooled embedding, as StableDiffusionXLPipeline reads them.
+    """
+    if text_encoder_2 is None:
+        return text_encoder(ids)[0], None
+    first = text_encoder(ids[:, 0], output_hidden_states=True).hidden_states[-2]
+    second = text_encoder_2(ids[:, 1], output_hidden_states=True)
+    return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
+
+
 def torch_runners(models) -> DiffusionRunners:
     return DiffusionRunners(
         backend="torch",
-        encode_text=lambda ids: models.text_encoder(ids)[0],
-        predict_noise=lambda x, t, ctx: models.unet(x, t, encoder_hidden_states=ctx).sample,
+        encode_text=lambda ids: text_conditioning(models.text_encoder, models.text_encoder_2, ids),
+        predict_noise=lambda x, t, ctx, added=None: models.unet(x, t, encoder_hidden_states=ctx,
+                                                                added_cond_kwargs=added).sample,
         decode=lambda z: models.vae.decode((z / models.vae.config.scaling_factor).to(models.vae.dtype)).sample,
         attach_capture=_capture_installs_itself,
     )
@@ -75,11 +95,18 @@ def compile_runners(models) -> DiffusionRunners:
     mode = "reduce-overhead" if graphed else "default"
     unet = torch.compile(models.unet, mode=mode, dynamic=False)
     text = torch.compile(models.text_encoder, mode=mode, dynamic=False)
+    text_2 = torch.compile(models.text_encoder_2, mode=mode, dynamic=False) if models.text_encoder_2 else None
     decode = torch.compile(models.vae.decode, mode=mode, dynamic=False)
+
+    def encode_text(ids):
+        context, pooled = text_conditioning(text, text_2, ids)
+        return _owned(context, graphed), None if pooled is None else _owned(pooled, graphed)
+
     return DiffusionRunners(
         backend="compile",
-        encode_text=lambda ids: _owned(text(ids)[0], graphed),
-        predict_noise=lambda x, t, ctx: _owned(unet(x, t, encoder_hidden_states=ctx).sample, graphed),
+        encode_text=encode_text,
+        predict_noise=lambda x, t, ctx, added=None: _owned(
+            unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample, graphed),
         decode=lambda z: _owned(decode((z / models.vae.config.scaling_factor).to(models.vae.dtype)).sample, graphed),
         # Capture swaps attention processors: compiled graphs then break at the capture
         # kernels and run those parts eagerly, which still gives the same maps.
@@ -144,8 +171,10 @@ class ExportedUNet:
                              f"({sorted(self.capture_layers)} vs {sorted(capture.layers)}); run build-engines again")
         self.capture = capture
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        feeds = {"sample": x, "timestep": t.expand(x.shape[0]), "encoder_hidden_states": ctx}
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
+                 added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        # SDXL's added conditions are inputs of its exported UNet under diffusers' names.
+        feeds = {"sample": x, "timestep": t.expand(x.shape[0]), "encoder_hidden_states": ctx, **(added or {})}
         extra = self.capture.external_inputs(x) if self.capture is not None else None
         if extra is None:
             return self.plain(**feeds)["noise_pred"].to(x.dtype)
@@ -158,9 +187,19 @@ class ExportedUNet:
 def exported_runners(backend: str, components: dict, capture_layers: dict[str, int], where: str) -> DiffusionRunners:
     """Runners over exported components (name -> callable of named tensors), for onnxruntime and tensorrt."""
     unet = ExportedUNet(components["unet"], components.get(CAPTURE_COMPONENT), capture_layers, where)
+
+    def encode_text(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ids = ids.long()
+        if ids.dim() == 2:
+            return components["text-encoder"](input_ids=ids)["last_hidden_state"], None
+        # SDXL: the two encoders' exports give their penultimate layers, the second its pooled embedding.
+        first = components["text-encoder"](input_ids=ids[:, 0])["hidden_states"]
+        second = components["text-encoder-2"](input_ids=ids[:, 1])
+        return torch.cat([first, second["hidden_states"]], dim=-1), second["text_embeds"]
+
     return DiffusionRunners(
         backend=backend,
-        encode_text=lambda ids: components["text-encoder"](input_ids=ids.long())["last_hidden_state"],
+        encode_text=encode_text,
         predict_noise=unet,
         # The exported decoder divides by the VAE scale itself.
         decode=lambda z: components["vae-decoder"](latents=z)["image"],
@@ -325,8 +364,8 @@ def with_attention_kernel(runners: DiffusionRunners, models, choice: str) -> Dif
                              f"in {param.dtype} on {param.device}; use --attention auto") from None
     predict = runners.predict_noise
 
-    def predict_noise(x, t, ctx):
+    def predict_noise(x, t, ctx, added=None):
         with attention_kernels(choice):
-            return predict(x, t, ctx)
+            return predict(x, t, ctx, added)
 
     return dataclasses.replace(runners, predict_noise=predict_noise)

@@ -350,11 +350,11 @@ def _drop_a_weight(path: Path) -> None:
         (lambda root: _corrupt(root / "text_encoder" / "model.safetensors"), "could not load .*text_encoder"),
         (lambda root: _drop_a_weight(root / "unet" / "diffusion_pytorch_model.safetensors"),
          "unet does not match its config.json: 1 weights missing"),
-        (lambda root: (root / "text_encoder_2").mkdir(), "two text encoders"),
+        (lambda root: (root / "text_encoder_2").mkdir(), "text_encoder_2 has no config.json"),
         (lambda root: (root / "tokenizer" / "vocab.json").write_text('{"a": 0}'), "not CLIP's BPE vocabulary"),
     ],
     ids=["missing-folder", "no-unet", "no-vae-config", "no-weights", "corrupt-unet", "corrupt-text-encoder",
-         "missing-weight", "sdxl", "foreign-vocab"],
+         "missing-weight", "empty-second-encoder", "foreign-vocab"],
 )
 def test_broken_folders_are_usage_errors(saved, tmp_path, damage, message):
     root, _ = saved

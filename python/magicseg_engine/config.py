@@ -61,7 +61,9 @@ class PromptsConfig(_Strict):
 class DiffusionConfig(_Strict):
     """The text-to-image model and how it is sampled."""
 
-    architecture: Literal["tiny", "shapes", "sd15", "sd21"]
+    # Which random architecture to build; for pretrained weights the folder's own family is used
+    # (generate.models.detect_family) and this only names the preset's.
+    architecture: Literal["tiny", "shapes", "sd15", "sd21", "sdxl"]
     # shipped: the shapes model's weights that come with the package (architecture shapes only).
     weights: Literal["random", "pretrained", "shipped"]
     # A diffusers folder or hub id; required when weights are pretrained.
@@ -190,11 +192,34 @@ PRESETS: dict[str, dict[str, Any]] = {
         "diffusion": {"architecture": "sd21", "weights": "random", "height": 768, "width": 768},
         "sam": {"model_type": "vit_h"},
     },
+    # SDXL base's architectures (two text encoders, added size conditioning, 1024 px) with random
+    # weights. Its VAE decodes in float32 when the run asks for float16 (it overflows there).
+    "sdxl-random": {
+        "preset": "sdxl-random",
+        "diffusion": {"architecture": "sdxl", "weights": "random", "height": 1024, "width": 1024},
+        "sam": {"model_type": "vit_h"},
+    },
     "sd15": {
         "preset": "sd15",
         "diffusion": {
             "architecture": "sd15", "weights": "pretrained",
             "model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        },
+        "sam": {"model_type": "vit_h"},
+    },
+    "sd21": {
+        "preset": "sd21",
+        "diffusion": {
+            "architecture": "sd21", "weights": "pretrained", "height": 768, "width": 768,
+            "model": "stabilityai/stable-diffusion-2-1",
+        },
+        "sam": {"model_type": "vit_h"},
+    },
+    "sdxl": {
+        "preset": "sdxl",
+        "diffusion": {
+            "architecture": "sdxl", "weights": "pretrained", "height": 1024, "width": 1024,
+            "model": "stabilityai/stable-diffusion-xl-base-1.0",
         },
         "sam": {"model_type": "vit_h"},
     },

@@ -14,6 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from magicseg_engine.bench.common import dense_peak_tflops, environment, summarise, time_calls
+from magicseg_engine.engine.backends import text_conditioning
 from magicseg_engine.generate.models import make_scheduler
 from magicseg_engine.generate.sampler import PairedSampler, initial_noise, to_uint8_images
 
@@ -22,16 +23,18 @@ from magicseg_engine.generate.sampler import PairedSampler, initial_noise, to_ui
 def reference_image(sampler: PairedSampler, prompt: str, seed: int):
     """One image the way the reference scripts made it: its own noise, batch 1."""
     m, s = sampler.models, sampler.settings
-    context = torch.cat([sampler.encode_text([""]), sampler.encode_text([prompt])])
+    (uncond, uncond_pooled), (cond, pooled) = sampler.unconditional(), sampler.encode_text([prompt])
+    context = torch.cat([uncond, cond])
+    added = sampler.added_conditions(None if pooled is None else torch.cat([uncond_pooled, pooled]))
     noise, _ = initial_noise([seed], sampler.latent_shape, independent=False)
     scheduler = make_scheduler(s.scheduler, m.scheduler_config)
     scheduler.set_timesteps(s.steps, device=sampler.device)
     latents = noise.to(sampler.device, sampler.dtype) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         eps_uncond, eps_cond = m.unet(scheduler.scale_model_input(torch.cat([latents] * 2), t), t,
-                                      encoder_hidden_states=context).sample.chunk(2)
+                                      encoder_hidden_states=context, added_cond_kwargs=added).sample.chunk(2)
         latents = scheduler.step(eps_uncond + s.guidance * (eps_cond - eps_uncond), t, latents).prev_sample
-    return to_uint8_images(m.vae.decode(latents / m.vae.config.scaling_factor).sample)
+    return to_uint8_images(m.vae.decode((latents / m.vae.config.scaling_factor).to(m.vae.dtype)).sample)
 
 
 def reference_pairs(sampler: PairedSampler, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> None:
@@ -46,14 +49,15 @@ def pair_flops(sampler: PairedSampler) -> dict:
     m, s = sampler.models, sampler.settings
     c, h, w = sampler.latent_shape
     latents = torch.zeros(4, c, h, w, device=sampler.device, dtype=sampler.dtype)
-    context = torch.zeros(4, m.context_length, m.cross_attention_dim, device=sampler.device, dtype=sampler.dtype)
-    ids = m.tokenizer(["a photo"]).to(sampler.device)
+    context, added = zero_conditions(sampler, 4)
+    ids = m.tokenize(["a photo"]).to(sampler.device)
     t = torch.tensor(500, device=sampler.device)
     counts = {}
     for name, fn in {
-        "unet_call_4_rows": lambda: m.unet(latents, t, encoder_hidden_states=context),
-        "vae_decode_1_image": lambda: m.vae.decode(latents[:1]),
-        "text_encoder_1_prompt": lambda: m.text_encoder(ids),
+        "unet_call_4_rows": lambda: m.unet(latents, t, encoder_hidden_states=context, added_cond_kwargs=added),
+        "vae_decode_1_image": lambda: m.vae.decode(latents[:1].to(m.vae.dtype)),
+        # Both encoders where the family has two (SDXL).
+        "text_encoder_1_prompt": lambda: text_conditioning(m.text_encoder, m.text_encoder_2, ids),
     }.items():
         counter = FlopCounterMode(display=False)
         with counter:
@@ -67,11 +71,22 @@ def pair_flops(sampler: PairedSampler) -> dict:
 def unet_step_times(sampler: PairedSampler, rows: int, warmup: int, reps: int) -> list[float]:
     """Seconds per UNet call on `rows` latent rows through the sampler's backend: the cost of one
     denoising step."""
-    m = sampler.models
     latents = torch.randn(rows, *sampler.latent_shape, device=sampler.device, dtype=sampler.dtype)
-    context = torch.randn(rows, m.context_length, m.cross_attention_dim, device=sampler.device, dtype=sampler.dtype)
+    context, added = zero_conditions(sampler, rows)
+    context = torch.randn_like(context)
     t = torch.tensor(500, device=sampler.device)
-    return time_calls(lambda: sampler.runners.predict_noise(latents, t, context), sampler.device, warmup, reps)
+    return time_calls(lambda: sampler.runners.predict_noise(latents, t, context, added), sampler.device, warmup, reps)
+
+
+def zero_conditions(sampler: PairedSampler, rows: int) -> tuple[torch.Tensor, dict | None]:
+    """A zero context for `rows` UNet rows and, where the UNet takes them (SDXL), its added
+    conditions: what a step costs does not depend on the values."""
+    m = sampler.models
+    context = torch.zeros(rows, m.context_length, m.cross_attention_dim, device=sampler.device, dtype=sampler.dtype)
+    pooled = None
+    if m.added_conditions:
+        pooled = torch.zeros(rows, m.text_encoder_2.config.projection_dim, device=sampler.device, dtype=sampler.dtype)
+    return context, sampler.added_conditions(pooled)
 
 
 def bench_generate(sampler: PairedSampler, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int],

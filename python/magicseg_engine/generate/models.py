@@ -2,9 +2,25 @@
 
 Four ways to get them, matching the presets: small random models for tests and the offline
 demo, the shapes world's small trained models whose weights ship with the package
-(`world.model`), the full Stable Diffusion v1.5 architectures with random weights for
-benchmarks, and real weights from a diffusers folder. Shapes are always read from the loaded models, so other
-UNet2DConditionModel checkpoints (SD 2.x) load through the same path.
+(`world.model`), the full architectures of Stable Diffusion 1.5, 2.1 and SDXL with random
+weights for benchmarks, and real weights from a diffusers folder.
+
+Three families of UNet2DConditionModel pipelines are supported, told apart by what a folder
+holds (`detect_family`), never by its name:
+
+======  =====================================  =========================  =====================
+family  text conditioning                      prediction                 native size
+======  =====================================  =========================  =====================
+sd1     CLIP ViT-L, last layer, 768 wide       epsilon                    512
+sd2     OpenCLIP ViT-H, 1024 wide, "!" pads    v (768 px) or epsilon      768 (or 512)
+sdxl    CLIP ViT-L and OpenCLIP bigG, both     epsilon                    1024
+        penultimate layers, 2048 wide; bigG's
+        pooled embedding and the image size
+        as added conditions
+======  =====================================  =========================  =====================
+
+Every shape (latent channels, context width and length, VAE factor) is read from the loaded
+models; the sampler and the attention capture see only `DiffusionModels`.
 """
 
 from __future__ import annotations
@@ -126,6 +142,54 @@ SD21_TEXT_ENCODER: dict[str, Any] = {
 
 SD21_SCHEDULER: dict[str, Any] = {**SD15_SCHEDULER, "prediction_type": "v_prediction"}
 
+# Published configs of stable-diffusion-xl-base-1.0. The UNet has no attention at its first
+# (full-resolution) level, 2 and 10 transformer layers per block at the next two, and adds the
+# pooled text embedding and six image-size numbers (time_ids) to its timestep embedding:
+# 2816 = 1280 pooled + 6 x 256.
+SDXL_UNET: dict[str, Any] = {
+    **SD15_UNET,
+    "sample_size": 128,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
+# SD's VAE retrained; it overflows in float16 (force_upcast), so it decodes in float32 there.
+SDXL_VAE: dict[str, Any] = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+
+# The first encoder is SD 1.5's CLIP ViT-L; the second OpenCLIP ViT-bigG/14's text tower with
+# its projection, whose pooled output is the UNet's text_embeds.
+SDXL_TEXT_ENCODER: dict[str, Any] = dict(SD15_TEXT_ENCODER)
+SDXL_TEXT_ENCODER_2: dict[str, Any] = {
+    **SD15_TEXT_ENCODER,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+
+SDXL_SCHEDULER: dict[str, Any] = {**SD15_SCHEDULER, "timestep_spacing": "leading"}
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+# The family each random architecture (DiffusionConfig.architecture) belongs to.
+ARCHITECTURE_FAMILY = {"tiny": "sd1", "shapes": "sd1", "sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
+# What each family samples with unless told otherwise: size and steps. SDXL's own pipeline uses
+# Euler; any of SCHEDULERS samples every family.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sd1": {"size": 512, "steps": 20},
+    "sd2": {"size": 768, "steps": 20},
+    "sdxl": {"size": 1024, "steps": 20},
+}
+
 # Small enough that 64x64 images (8x8 latents) sample in milliseconds per step on a CPU, yet
 # with the same block types as SD so attention capture and the sampler meet the real structure.
 TINY_UNET: dict[str, Any] = {
@@ -184,6 +248,7 @@ class RandomFamily:
     scheduler: dict
     pad_token: str  # SD 1.x pads prompts with the end-of-text token, SD 2.x with "!"
     init_on_cpu: bool  # small models are drawn on the CPU, so a seed gives the same weights anywhere
+    text_encoder_2: dict | None = None  # SDXL's second encoder (with projection), padded with "!"
 
 
 def random_family(architecture: str) -> RandomFamily:
@@ -196,6 +261,9 @@ def random_family(architecture: str) -> RandomFamily:
         return RandomFamily(TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER, SD15_SCHEDULER, "<|endoftext|>", True)
     if architecture == "sd21":
         return RandomFamily(SD21_UNET, SD21_VAE, SD21_TEXT_ENCODER, SD21_SCHEDULER, "!", False)
+    if architecture == "sdxl":
+        return RandomFamily(SDXL_UNET, SDXL_VAE, SDXL_TEXT_ENCODER, SDXL_SCHEDULER, "<|endoftext|>", False,
+                            SDXL_TEXT_ENCODER_2)
     # Built where it will run: a CPU detour would cost a 4 GB float32 copy and minutes of init.
     return RandomFamily(SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER, SD15_SCHEDULER, "<|endoftext|>", False)
 
@@ -208,6 +276,28 @@ class DiffusionModels:
     tokenizer: ClipTokenizer
     scheduler_config: dict  # noise schedule settings, for make_scheduler
     model_id: str  # identifies the weights; part of every sample key
+    family: str = "sd1"  # one of FAMILIES
+    # SDXL's second text encoder (a CLIPTextModelWithProjection) and its tokenizer; None otherwise.
+    text_encoder_2: Any = None
+    tokenizer_2: ClipTokenizer | None = None
+    # SDXL pipelines guide against zero conditioning rather than the empty prompt's embedding.
+    zero_unconditional: bool = False
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids of `texts`: [N, L], or [N, 2, L] with one row per tokenizer when there are two."""
+        ids = self.tokenizer(list(texts))
+        if self.tokenizer_2 is None:
+            return ids
+        return torch.stack([ids, self.tokenizer_2(list(texts))], dim=1)
+
+    @property
+    def added_conditions(self) -> bool:
+        """Whether the UNet takes SDXL's added conditions (pooled text embedding and time_ids)."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
+
+    def time_ids(self, height: int, width: int) -> torch.Tensor:
+        """SDXL's size conditioning, [1, 6]: original size, crop corner (0, 0), target size."""
+        return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -300,6 +390,11 @@ def load_diffusion(
         dtype = resolve_dtype(config.dtype, device)
     if config.weights == "pretrained":
         models = _load_pretrained(config.model or "", device, dtype)
+        expected = ARCHITECTURE_FAMILY.get(config.architecture)
+        if expected and expected != models.family:
+            size = FAMILY_DEFAULTS[models.family]["size"]
+            log.warning("%s holds an %s model, not %s: it samples at %dx%d as asked (its native size is %d)",
+                        config.model, models.family, expected, config.height, config.width, size)
     elif config.weights == "shipped":
         models = _load_shipped(device, dtype)
     else:
@@ -315,14 +410,30 @@ def uses_channels_last(requested: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if requested is None else requested
 
 
+def check_image_size(models: DiffusionModels, height: int, width: int) -> None:
+    """UsageError unless the VAE and the UNet can take `height` x `width` images.
+
+    The VAE needs whole latent pixels; the UNet halves the latent once per downsampling block
+    and needs at least one pixel left at its coarsest level.
+    """
+    factor = models.vae_scale_factor
+    down = 2 ** sum(1 for b in models.unet.down_blocks if getattr(b, "downsamplers", None))
+    smallest = factor * down
+    for name, value in (("height", height), ("width", width)):
+        if value % factor or value < smallest:
+            raise UsageError(f"--{name} {value}: the {models.family} model's VAE works in {factor}-pixel latents and "
+                             f"its UNet halves them {down.bit_length() - 1} times, so sizes must be multiples of "
+                             f"{factor} and at least {smallest} (its native size is {FAMILY_DEFAULTS[models.family]['size']})")
+
+
 def model_identity(config: DiffusionConfig, device: str | torch.device = "cpu", seed: int = 0) -> str:
     """The `model_id` that `load_diffusion(config, device, seed=seed)` gives, without building or
     loading weights: a coordinator that renders nothing itself still needs every sample key."""
     device = torch.device(device)
     if config.weights == "pretrained":
         root = _resolve_folder(config.model or "")
-        _check_layout(root)
-        return _pretrained_id(root, _scheduler_config(root), _pad_id(root))
+        layout = detect_family(root)
+        return _pretrained_id(root, _scheduler_config(root), _pad_ids(root, layout), layout)
     if config.weights == "shipped":
         return _shipped_id()
     family = random_family(config.architecture)
@@ -334,6 +445,8 @@ def _random_id(name: str, family: RandomFamily, seed: int, init_device: torch.de
     parts = [family.unet, family.vae, family.text_encoder, family.scheduler]
     if family.pad_token != "<|endoftext|>":  # so the ids of the families that pad with it stay as they were
         parts.append({"pad_token": family.pad_token})
+    if family.text_encoder_2 is not None:
+        parts.append({"text_encoder_2": family.text_encoder_2})
     return f"{name}-random:seed={seed}:init={init_device.type}:{_config_digest(*parts)}"
 
 
@@ -351,28 +464,39 @@ def _build_random(
     dtype: torch.dtype,
 ) -> DiffusionModels:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    builds = [
+        lambda: UNet2DConditionModel.from_config(family.unet),
+        lambda: AutoencoderKL.from_config(family.vae),
+        lambda: CLIPTextModel(CLIPTextConfig(**family.text_encoder)),
+    ]
+    if family.text_encoder_2 is not None:
+        builds.append(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**family.text_encoder_2)))
     modules = []
     # A private RNG stream: the weights depend on `seed` alone, and callers' random state is untouched.
     with torch.random.fork_rng(devices=_rng_devices()):
         torch.manual_seed(seed)
         # Per module, so at most one float32 copy exists next to the converted ones.
-        for build in (
-            lambda: UNet2DConditionModel.from_config(family.unet),
-            lambda: AutoencoderKL.from_config(family.vae),
-            lambda: CLIPTextModel(CLIPTextConfig(**family.text_encoder)),
-        ):
+        for build in builds:
             with init_device:
                 module = build()
             # torch's own cast: diffusers' override warns about float32-only modules on every
             # cast, and these freshly built models have none.
             modules.append(torch.nn.Module.to(module, device=device, dtype=dtype))
-    unet, vae, text_encoder = modules
+    unet, vae, text_encoder = modules[:3]
     tokenizer = ClipTokenizer(context_length=int(text_encoder.config.max_position_embeddings),
                               pad_id=clip_token_id(family.pad_token))
     model_id = _random_id(name, family, seed, init_device)
-    return DiffusionModels(unet, vae, text_encoder, tokenizer, dict(family.scheduler), model_id)
+    models = DiffusionModels(unet, vae, text_encoder, tokenizer, dict(family.scheduler), model_id,
+                             family=ARCHITECTURE_FAMILY[name])
+    if family.text_encoder_2 is not None:
+        models.text_encoder_2 = modules[3]
+        # SDXL's second tokenizer pads with "!", as OpenCLIP's does.
+        models.tokenizer_2 = ClipTokenizer(context_length=int(modules[3].config.max_position_embeddings),
+                                           pad_id=clip_token_id("!"))
+        models.zero_unconditional = True
+    return models
 
 
 def _shipped_id() -> str:
@@ -402,9 +526,19 @@ def _rng_devices() -> list[int]:
 
 
 def _finish(models: DiffusionModels, channels_last: bool) -> None:
-    for module in (models.unet, models.vae, models.text_encoder):
-        module.eval()
-        module.requires_grad_(False)
+    for module in (models.unet, models.vae, models.text_encoder, models.text_encoder_2):
+        if module is not None:
+            module.eval()
+            module.requires_grad_(False)
+    upcast = models.family == "sdxl" and models.vae.config.get("force_upcast", True)
+    if upcast and next(models.vae.parameters()).dtype is torch.float16:
+        # SDXL's VAE overflows in float16 (its config says force_upcast, which diffusers' SDXL
+        # pipelines read and its SD 1.x/2.x ones ignore, as every VAE config defaults it to
+        # true). Those pipelines upcast it for every decode; here it is kept in float32 once.
+        # The decoder is a small part of a pair's time; bfloat16 has float32's range and
+        # stays as asked.
+        log.info("the VAE overflows in float16 (force_upcast): decoding in float32")
+        models.vae.to(torch.float32)
     if channels_last:
         # cuDNN's fastest convolution kernels for half precision want NHWC.
         models.unet.to(memory_format=torch.channels_last)
@@ -423,6 +557,7 @@ _WEIGHT_FILES = {
     "text_encoder": ("model.safetensors", "model.safetensors.index.json",
                      "pytorch_model.bin", "pytorch_model.bin.index.json"),
 }
+_WEIGHT_FILES["text_encoder_2"] = _WEIGHT_FILES["text_encoder"]
 _VARIANTS = ("fp16", "bf16")
 
 # Only what loading reads, and only safetensors: the hub folders also carry pickled .bin copies,
@@ -437,6 +572,10 @@ _HUB_PATTERNS = [
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors", "text_encoder/model.safetensors.index.json",
     "text_encoder/model-*-of-*.safetensors",
+    # SDXL's second encoder and tokenizer.
+    "tokenizer_2/*", "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors", "text_encoder_2/model.safetensors.index.json",
+    "text_encoder_2/model-*-of-*.safetensors",
 ]
 
 _HUB_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"
@@ -491,20 +630,78 @@ def _weight_variant(folder: Path, component: str) -> str | None:
     raise UsageError(f"{folder} has no weights: expected {names[0]} or {names[2]}")
 
 
-def _check_layout(root: Path) -> dict[str, str | None]:
-    if (root / "text_encoder_2").is_dir():
-        raise UsageError(
-            f"{root} is a pipeline with two text encoders (SDXL); only single-encoder models are supported"
-        )
-    variants = {}
-    for component in ("unet", "vae", "text_encoder"):
+SUPPORTED = "UNet2DConditionModel text-to-image pipelines: SD 1.x, SD 2.x and SDXL base"
+# model_index.json entries that only other kinds of pipeline have.
+_FOREIGN_COMPONENTS = {"transformer": "a transformer-based model (no UNet)", "prior": "a two-stage prior model",
+                       "decoder": "a two-stage decoder model", "low_res_scheduler": "an upscaler",
+                       "image_encoder": "an image-conditioned model"}
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """What a diffusers folder holds, read from its files before any weight loads."""
+
+    family: str
+    components: tuple[str, ...]  # the weight folders to load: unet, vae, text_encoder[, text_encoder_2]
+    variants: dict[str, str | None]  # component -> weight variant ("fp16") or None
+    zero_unconditional: bool
+
+
+def detect_family(root: Path) -> FolderLayout:
+    """The family of the diffusers folder `root`, from model_index.json and the components' configs.
+
+    UsageError, naming what was found and what is supported, for anything else: transformer
+    models (SD3, FLUX, PixArt), SDXL's refiner (image to image only), inpainting, depth and
+    upscaling UNets, and folders missing a part.
+    """
+    index = _read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+    pipeline = str(index.get("_class_name") or "pipeline")
+    for component, what in _FOREIGN_COMPONENTS.items():
+        if component in index or (component == "transformer" and (root / component).is_dir()):
+            raise UsageError(f"{root} holds {pipeline}, {what}; supported: {SUPPORTED}")
+    two_encoders = (root / "text_encoder_2").is_dir()
+    if (two_encoders and not (root / "text_encoder").is_dir()) or index.get("requires_aesthetics_score"):
+        raise UsageError(f"{root} holds an SDXL refiner ({pipeline}: one text encoder, image to image only); "
+                         f"give an SDXL base model; supported: {SUPPORTED}")
+    components = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if two_encoders else [])
+    variants: dict[str, str | None] = {}
+    for component in components:
         folder = root / component
         if not folder.is_dir():
             raise UsageError(f"{root} is not a diffusers folder: it has no {component}/ subfolder")
         if not (folder / "config.json").is_file():
             raise UsageError(f"{folder} has no config.json")
         variants[component] = _weight_variant(folder, component)
-    return variants
+    unet = _read_json(root / "unet" / "config.json")
+    vae = _read_json(root / "vae" / "config.json")
+    if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise UsageError(f"{root / 'unet'} is a {unet['_class_name']}; supported: {SUPPORTED}")
+    in_channels, latent = unet.get("in_channels", 4), vae.get("latent_channels", 4)
+    if in_channels != latent:
+        raise UsageError(
+            f"{root}: the unet takes {in_channels} input channels but the vae makes {latent}-channel latents "
+            f"(an inpainting, depth or instruction model, {pipeline}); supported: {SUPPORTED}")
+    added = unet.get("addition_embed_type")
+    if two_encoders != (added == "text_time"):
+        raise UsageError(f"{root}: {'two text encoders but a unet without' if two_encoders else 'a unet with'} "
+                         f"SDXL's added conditions ({pipeline}); supported: {SUPPORTED}")
+    if unet.get("class_embed_type") or (added and added != "text_time"):
+        raise UsageError(f"{root}: the unet takes extra {unet.get('class_embed_type') or added} conditioning "
+                         f"({pipeline}); supported: {SUPPORTED}")
+    if two_encoders:
+        text_2 = _read_json(root / "text_encoder_2" / "config.json")
+        time_ids = (unet.get("projection_class_embeddings_input_dim", 0) - text_2.get("projection_dim", 0)) \
+            / max(1, unet.get("addition_time_embed_dim", 1))
+        if time_ids != 6:
+            raise UsageError(f"{root}: the unet's added conditions take {time_ids:g} size numbers, not SDXL base's 6 "
+                             f"(a refiner takes 5); give an SDXL base model; supported: {SUPPORTED}")
+        # StableDiffusionXLPipeline's default; the folder may say otherwise.
+        zeros = bool(index.get("force_zeros_for_empty_prompt", True))
+        return FolderLayout("sdxl", tuple(components), variants, zeros)
+    # SD 2.x conditions on OpenCLIP's text tower, whose activation is GELU; SD 1.x on OpenAI's
+    # CLIP, with quick GELU.
+    text = _read_json(root / "text_encoder" / "config.json")
+    return FolderLayout("sd2" if text.get("hidden_act") == "gelu" else "sd1", tuple(components), variants, False)
 
 
 def _load_component(cls: Any, root: Path, component: str, dtype: torch.dtype, variant: str | None) -> Any:
@@ -537,8 +734,8 @@ def _load_component(cls: Any, root: Path, component: str, dtype: torch.dtype, va
     return module
 
 
-def _pad_id(root: Path) -> int:
-    tokdir = root / "tokenizer"
+def _pad_id(root: Path, folder: str = "tokenizer", default: str = "<|endoftext|>") -> int:
+    tokdir = root / folder
     vocab_path = tokdir / "vocab.json"
     vocab = clip_vocabulary()
     if vocab_path.is_file() and _read_json(vocab_path) != vocab:
@@ -553,15 +750,19 @@ def _pad_id(root: Path) -> int:
             if pad not in vocab:
                 raise UsageError(f"{tokdir / name}: pad token {pad!r} is not in the CLIP vocabulary")
             return vocab[pad]
-    # Stable Diffusion 1.x folders that name no pad token pad with end-of-text.
-    return clip_token_id("<|endoftext|>")
+    # Stable Diffusion 1.x folders that name no pad token pad with end-of-text; SDXL's second
+    # tokenizer pads with "!".
+    return clip_token_id(default)
 
 
-def _folder_digest(root: Path, scheduler_config: dict, pad_id: int) -> str:
+def _folder_digest(root: Path, scheduler_config: dict, pad_id: int | tuple[int, ...],
+                   components: tuple[str, ...] = ("unet", "vae", "text_encoder"), zero_unconditional: bool = False) -> str:
     # Names, sizes and modification times stand in for the weights' contents: hashing gigabytes
     # would add a minute to every start, and any rewrite of a weight file changes its mtime.
     parts: list[Any] = [scheduler_config, pad_id]
-    for component in ("unet", "vae", "text_encoder"):
+    if zero_unconditional:
+        parts.append("zero-unconditional")
+    for component in components:
         folder = root / component
         parts.append((folder / "config.json").read_text(encoding="utf-8"))
         for f in sorted(folder.iterdir()):
@@ -571,39 +772,55 @@ def _folder_digest(root: Path, scheduler_config: dict, pad_id: int) -> str:
     return _config_digest(*parts)
 
 
+def _pad_ids(root: Path, layout: FolderLayout) -> int | tuple[int, int]:
+    first = _pad_id(root)
+    return (first, _pad_id(root, "tokenizer_2", "!")) if "text_encoder_2" in layout.components else first
+
+
 def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype) -> DiffusionModels:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = _resolve_folder(name)
-    variants = _check_layout(root)
+    layout = detect_family(root)
     scheduler_config = _scheduler_config(root)
     if not (root / "scheduler" / "scheduler_config.json").is_file():
         log.warning("%s has no scheduler/scheduler_config.json; using Stable Diffusion 1.5's noise schedule", root)
-    pad_id = _pad_id(root)
+    pad_ids = _pad_ids(root, layout)
+    variants = layout.variants
 
     unet = _load_component(UNet2DConditionModel, root, "unet", dtype, variants["unet"])
     vae = _load_component(AutoencoderKL, root, "vae", dtype, variants["vae"])
     text_encoder = _load_component(CLIPTextModel, root, "text_encoder", dtype, variants["text_encoder"])
+    encoders = [text_encoder]
+    if "text_encoder_2" in layout.components:
+        encoders.append(_load_component(CLIPTextModelWithProjection, root, "text_encoder_2", dtype,
+                                         variants["text_encoder_2"]))
 
-    tokenizer = ClipTokenizer(context_length=int(text_encoder.config.max_position_embeddings), pad_id=pad_id)
-    if text_encoder.config.vocab_size < tokenizer.vocab_size:
-        raise UsageError(f"{root / 'text_encoder'} has {text_encoder.config.vocab_size} token embeddings, "
-                         f"fewer than CLIP's {tokenizer.vocab_size}")
+    first_pad = pad_ids[0] if isinstance(pad_ids, tuple) else pad_ids
+    tokenizer = ClipTokenizer(context_length=int(text_encoder.config.max_position_embeddings), pad_id=first_pad)
+    for encoder in encoders:
+        if encoder.config.vocab_size < tokenizer.vocab_size:
+            raise UsageError(f"{root}: a text encoder has {encoder.config.vocab_size} token embeddings, "
+                             f"fewer than CLIP's {tokenizer.vocab_size}")
+    lengths = {int(e.config.max_position_embeddings) for e in encoders}
+    if len(lengths) > 1:
+        raise UsageError(f"{root}: the two text encoders read prompts of different lengths {sorted(lengths)}")
+    width = sum(int(e.config.hidden_size) for e in encoders)
     cross = unet.config.cross_attention_dim
     cross_dims = set(cross) if isinstance(cross, (list, tuple)) else {cross}
-    if cross_dims != {text_encoder.config.hidden_size}:
-        raise UsageError(f"{root}: the unet attends to {cross}-wide text embeddings but the text encoder "
-                         f"gives {text_encoder.config.hidden_size}")
-    if unet.config.in_channels != vae.config.latent_channels:
-        raise UsageError(
-            f"{root}: the unet takes {unet.config.in_channels} input channels but the vae makes "
-            f"{vae.config.latent_channels}-channel latents (inpainting and depth models are not supported)"
-        )
+    if cross_dims != {width}:
+        raise UsageError(f"{root}: the unet attends to {cross}-wide text embeddings but the text "
+                         f"encoder{'s give' if len(encoders) > 1 else ' gives'} {width}")
 
     unet, vae, text_encoder = (m.to(device) for m in (unet, vae, text_encoder))
-    return DiffusionModels(unet, vae, text_encoder, tokenizer, scheduler_config,
-                           _pretrained_id(root, scheduler_config, pad_id))
+    models = DiffusionModels(unet, vae, text_encoder, tokenizer, scheduler_config,
+                             _pretrained_id(root, scheduler_config, pad_ids, layout), family=layout.family)
+    if len(encoders) > 1:
+        models.text_encoder_2 = encoders[1].to(device)
+        models.tokenizer_2 = ClipTokenizer(context_length=tokenizer.context_length, pad_id=pad_ids[1])
+        models.zero_unconditional = layout.zero_unconditional
+    return models
 
 
 def _scheduler_config(root: Path) -> dict:
@@ -613,5 +830,5 @@ def _scheduler_config(root: Path) -> dict:
     return dict(SD15_SCHEDULER)
 
 
-def _pretrained_id(root: Path, scheduler_config: dict, pad_id: int) -> str:
-    return f"{root}@{_folder_digest(root, scheduler_config, pad_id)}"
+def _pretrained_id(root: Path, scheduler_config: dict, pad_id: int | tuple[int, int], layout: FolderLayout) -> str:
+    return f"{root}@{_folder_digest(root, scheduler_config, pad_id, layout.components, layout.zero_unconditional)}"

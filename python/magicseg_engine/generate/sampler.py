@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from magicseg_engine.engine.backends import DiffusionRunners, torch_runners
-from magicseg_engine.generate.models import DiffusionModels, make_scheduler
+from magicseg_engine.generate.models import DiffusionModels, check_image_size, make_scheduler
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,7 @@ def to_uint8_images(decoded: torch.Tensor) -> np.ndarray:
 class PairedSampler:
     def __init__(self, models: DiffusionModels, settings: SamplingSettings, device: torch.device, dtype: torch.dtype,
                  runners: DiffusionRunners | None = None):
+        check_image_size(models, settings.height, settings.width)
         self.models = models
         self.runners = runners or torch_runners(models)
         self.settings = settings
@@ -108,18 +109,35 @@ class PairedSampler:
             settings.height // models.vae_scale_factor,
             settings.width // models.vae_scale_factor,
         )
-        self._uncond: torch.Tensor | None = None
+        self._uncond: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @torch.inference_mode()
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        ids = self.models.tokenizer(list(texts)).to(self.device)
-        return self.runners.encode_text(ids).to(self.dtype)
+    def encode_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context, pooled or None) of `texts`, in the sampler's dtype."""
+        ids = self.models.tokenize(list(texts)).to(self.device)
+        context, pooled = self.runners.encode_text(ids)
+        return context.to(self.dtype), None if pooled is None else pooled.to(self.dtype)
 
-    def _unconditional(self) -> torch.Tensor:
-        # The empty prompt's embedding never changes: encode it once per sampler.
+    def unconditional(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The empty prompt's embedding never changes: encode it once per sampler. SDXL's
+        # pipelines guide against zeros instead, where the model's folder says so.
         if self._uncond is None:
-            self._uncond = self.encode_text([""])
+            context, pooled = self.encode_text([""])
+            if self.models.zero_unconditional:
+                context = torch.zeros_like(context)
+                pooled = None if pooled is None else torch.zeros_like(pooled)
+            self._uncond = (context, pooled)
         return self._uncond
+
+    def added_conditions(self, pooled: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+        """The UNet's added conditions for rows with these pooled embeddings (SDXL), else None."""
+        if not self.models.added_conditions:
+            return None
+        if pooled is None:
+            raise ValueError("this UNet takes a pooled text embedding, which its text encoder did not give")
+        s = self.settings
+        time_ids = self.models.time_ids(s.height, s.width).to(self.device, self.dtype)
+        return {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}
 
     @torch.inference_mode()
     def denoise(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int],
@@ -128,12 +146,15 @@ class PairedSampler:
         s = self.settings
         pairs = len(prompts)
         guided = s.guidance > 1.0
-        cond = self.encode_text(list(prompts) + list(negatives))
+        cond, pooled = self.encode_text(list(prompts) + list(negatives))
         if guided:
-            uncond = self._unconditional().expand(2 * pairs, -1, -1)
-            context = torch.cat([uncond, cond])
+            uncond, uncond_pooled = self.unconditional()
+            context = torch.cat([uncond.expand(2 * pairs, -1, -1), cond])
+            if pooled is not None:
+                pooled = torch.cat([uncond_pooled.expand(2 * pairs, -1), pooled])
         else:
             context = cond
+        added = self.added_conditions(pooled)
 
         pos_noise, neg_noise = initial_noise(seeds, self.latent_shape, s.independent_noise)
         scheduler = make_scheduler(s.scheduler, self.models.scheduler_config)
@@ -147,7 +168,7 @@ class PairedSampler:
                 hook.before_step(i, t)
             model_in = torch.cat([latents, latents]) if guided else latents
             model_in = scheduler.scale_model_input(model_in, t)
-            eps = self.runners.predict_noise(model_in, t, context)
+            eps = self.runners.predict_noise(model_in, t, context, added)
             if guided:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + s.guidance * (eps_cond - eps_uncond)
