@@ -51,8 +51,9 @@ def test_pretrained_weights_need_a_model():
 
 
 def test_unknown_preset():
-    with pytest.raises(UsageError, match="unknown preset 'sdxl'; choose one of: tiny, shapes, sd15-random, sd21-random, sd15"):
-        load_preset("sdxl")
+    with pytest.raises(UsageError, match="unknown preset 'sd3'; choose one of: tiny, shapes, sd15-random, "
+                                         "sd21-random, sdxl-random, sd15, sd21, sdxl"):
+        load_preset("sd3")
 
 
 def test_saved_config_round_trips_with_versions(tmp_path):

@@ -144,7 +144,7 @@ def test_the_denoiser_ranks_the_true_shape_first_only_when_trained():
              for w in ("shipped", "random")}
     shipped, random = ranks["shipped"], ranks["random"]
     assert shipped["colour_first"] >= 0.9, shipped
-    assert shipped["shape_first"] >= 0.7, shipped  # 0.90 on bench quality's 72 images; chance: 1/6
+    assert shipped["shape_first"] >= 0.7, shipped  # 0.86 on bench quality's 72 images; chance: 1/6
     assert random["shape_first"] <= 0.3 and random["colour_first"] <= 0.3, random
     assert set(shipped["shape_first_per_shape"]) == {"circle", "square", "triangle", "star", "ring", "cross"}
 

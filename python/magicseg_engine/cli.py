@@ -247,7 +247,7 @@ def prompts(
 @reports_usage_errors
 def generate(
     out: Annotated[Path, typer.Option("--out", help="Run directory: shards, manifest, prompts and run.json.")],
-    preset: Annotated[str, typer.Option("--preset", help="tiny, shapes, sd15-random, sd21-random or sd15.")] = "tiny",
+    preset: Annotated[str, typer.Option("--preset", help="tiny, shapes, sd15-random, sd21-random, sdxl-random, sd15, sd21 or sdxl.")] = "tiny",
     classes: Annotated[Optional[str], typer.Option("--classes", help="voc, context, coco-object, coco-stuff, shapes, or a class file.")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="Prompts to render (from `prompts`, or reference lines).")] = None,
     num_pairs: Annotated[Optional[int], typer.Option("--num-pairs", help="Number of positive/negative pairs.")] = None,
@@ -552,7 +552,7 @@ class EngineFormat(str, Enum):
 @reports_usage_errors
 def build_engines_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the ONNX files, engines and manifest.json.")],
-    preset: Annotated[str, typer.Option("--preset", help="tiny, shapes, sd15-random, sd21-random or sd15.")] = "tiny",
+    preset: Annotated[str, typer.Option("--preset", help="tiny, shapes, sd15-random, sd21-random, sdxl-random, sd15, sd21 or sdxl.")] = "tiny",
     model: Annotated[Optional[str], typer.Option("--model", help="Diffusers folder or hub id (preset sd15).")] = None,
     fmt: Annotated[EngineFormat, typer.Option("--format", help="onnx, or tensorrt (ONNX, then engines).")] = EngineFormat.onnx,
     precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16 (half precision needs a GPU).")] = "fp32",
@@ -682,7 +682,7 @@ def train_world_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the training in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete --out and start again.")] = False,
 ) -> None:
-    """Train the `shapes` world's VAE, UNet and CLIP text encoder from scratch (about 12 minutes on 2 idle CPU cores)."""
+    """Train the `shapes` world's VAE, UNet and CLIP text encoder from scratch (about 15 minutes on 2 idle CPU cores)."""
     import shlex
 
     from pydantic import ValidationError

@@ -295,26 +295,40 @@ def _unit_area(shape: str) -> float:
     return float(footprint(shape, 1000, 500, 500, r, 0.0).sum()) / r**2
 
 
+# Templates are drawn this many times finer than the image and compared as pixel coverage:
+# drawn at the image's own resolution, a template's rasterisation depends on where its centre
+# falls within a pixel, and a true circle of the world then matched a square better 18% of the
+# time; at 4x every drawn shape of the world is classified right.
+TEMPLATE_SUPERSAMPLING = 4
+
+
 def classify_shape(mask: np.ndarray, shapes: Sequence[str] = WORLD_SHAPES,
                    angles: int = 10) -> tuple[str | None, float]:
     """(shape, IoU) of the template that best fits the footprint `mask`; (None, 0) when empty.
 
     Each template is drawn at the footprint's centroid with the radius that gives it the same
-    area, at `angles` rotations over its symmetry period; the best IoU wins.
+    area, at `angles` rotations over its symmetry period, as the fraction of each pixel it
+    covers; the best soft IoU (sum of minima over sum of maxima) wins.
     """
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         return None, 0.0
-    size = max(mask.shape)
+    ss = TEMPLATE_SUPERSAMPLING
+    height, width = mask.shape
+    size = max(height, width)
+    # Pixel i covers [i, i + 1): the centroid of the pixels' indices plus one half is the
+    # footprint's centre in those units.
     cx, cy, area = xs.mean() + 0.5, ys.mean() + 0.5, float(len(xs))
+    target = mask.astype(np.float32)
     best: tuple[str | None, float] = (None, 0.0)
     for shape in shapes:
         r = math.sqrt(area / _unit_area(shape))
         period = _SYMMETRY[shape]
         for k in range(angles if period else 1):
-            fp = footprint(shape, size, cx, cy, r, period * k / angles)[: mask.shape[0], : mask.shape[1]]
-            union = int((fp | mask).sum())
-            iou = int((fp & mask).sum()) / union if union else 0.0
+            fine = footprint(shape, size * ss, cx * ss, cy * ss, r * ss, period * k / angles)
+            cover = fine.reshape(size, ss, size, ss).mean(axis=(1, 3))[:height, :width]
+            union = float(np.maximum(cover, target).sum())
+            iou = float(np.minimum(cover, target).sum()) / union if union else 0.0
             if iou > best[1]:
                 best = (shape, iou)
     return best

@@ -40,13 +40,13 @@ from magicseg_engine.world.shapes import FLOORS, World
 
 
 class WorldTrainConfig(BaseModel):
-    """The training schedule. The defaults are the shipped weights' (about 12 minutes on 2 idle CPU cores)."""
+    """The training schedule. The defaults are the shipped weights' (about 15 minutes on 2 idle CPU cores)."""
 
     model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(0, ge=0, lt=2**31)
     samples: int = Field(5000, ge=8)
-    vae_steps: int = Field(600, ge=1)
+    vae_steps: int = Field(2000, ge=1)
     vae_batch: int = Field(32, ge=1)
     vae_crop: int = Field(32, ge=8)  # the whole image at the world's 32 pixels
     vae_lr: float = Field(3e-3, gt=0)
