@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from magicseg_engine.engine.export import CAPTURE_COMPONENT, DIFFUSION_COMPONENTS, SAM_COMPONENTS, to_numpy
+from magicseg_engine.engine.export import (
+    CAPTURE_COMPONENT,
+    DIFFUSION_COMPONENTS,
+    SAM_COMPONENTS,
+    refuse_added_conditions,
+    to_numpy,
+)
 from magicseg_engine.errors import UsageError
 
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
@@ -313,6 +319,7 @@ def make_runners(backend: str, models, engines: Path | None = None, latent_shape
     if backend == "compile":
         return compile_runners(models)
     if backend in EXPORTED_BACKENDS:
+        refuse_added_conditions(models)
         if engines is None:
             raise UsageError(f"--backend {backend} needs --engines DIR, written by magicseg-engine build-engines"
                              + (" --format tensorrt" if backend == "tensorrt" else ""))

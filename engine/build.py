@@ -20,6 +20,7 @@ import torch
 from magicseg_engine.atomic import atomic_write_text, check_writable_dir
 from magicseg_engine.config import RunConfig, library_versions
 from magicseg_engine.engine.export import (
+    SDXL_NOT_EXPORTED,
     CAPTURE_COMPONENT,
     COMPONENTS,
     DIFFUSION_COMPONENTS,
@@ -72,13 +73,16 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, batch_sizes: Sequence[int],
                   components: Sequence[str], device: str) -> dict:
     """Export (and with fmt "tensorrt", build) each component; write and return the manifest."""
-    from magicseg_engine.generate.models import load_diffusion, resolve_dtype
+    from magicseg_engine.generate.models import config_family, load_diffusion, resolve_dtype
     from magicseg_engine.masks.sam import build_sam
 
     if fmt == "tensorrt":
         from magicseg_engine.engine.tensorrt import require_tensorrt
 
         require_tensorrt()  # before any model loads or any file is written
+    if any(c in DIFFUSION_COMPONENTS + (CAPTURE_COMPONENT,) for c in components) \
+            and config_family(config.diffusion) == "sdxl":
+        raise UsageError(SDXL_NOT_EXPORTED)  # before any model loads or any file is written
     check_writable_dir(out)
     dtype = resolve_dtype("float32", device)
     models = sam = None

@@ -411,6 +411,20 @@ _SPECS: dict[str, _Spec] = {
 }
 
 
+SDXL_NOT_EXPORTED = ("ONNX and TensorRT exports of SDXL models (two text encoders, the UNet's added "
+                     "conditions) are not supported yet; run them with --backend torch or compile")
+
+
+def refuse_added_conditions(module_or_models: Any) -> None:
+    """UsageError for SDXL-style models (a second text encoder, a UNet with added conditions),
+    whose exports (two more UNet inputs, the second encoder's pooled output) are not written yet."""
+    unet = getattr(module_or_models, "unet", module_or_models)
+    config = getattr(unet, "config", None)
+    added = config.get("addition_embed_type") if hasattr(config, "get") else None
+    if getattr(module_or_models, "text_encoder_2", None) is not None or added:
+        raise UsageError(SDXL_NOT_EXPORTED)
+
+
 def _check_component(component: str) -> None:
     if component not in COMPONENTS:
         raise UsageError(f"unknown component {component!r}; choose one of: {', '.join(COMPONENTS)}")
@@ -920,6 +934,7 @@ def export_component(
     import onnx
 
     _check_component(component)
+    refuse_added_conditions(module_or_models if component in DIFFUSION_COMPONENTS else None)
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(f"opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset!r}")
     if latent_size is not None and component not in ("unet", "vae-decoder"):

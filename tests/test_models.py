@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from families import write_tokenizer
 
 from magicseg_engine.config import DiffusionConfig
 from magicseg_engine.errors import UsageError
@@ -51,24 +51,6 @@ def _states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def _write_tokenizer(folder: Path, pad_token: str) -> None:
-    """A tokenizer/ folder laid out as Stable Diffusion's, from the BPE file open_clip ships."""
-    from open_clip.tokenizer import default_bpe
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    (folder / "vocab.json").write_text(json.dumps(clip_vocabulary()), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "pad_token": pad_token,
-    }
-    (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
-    config = {**special, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-
-
 @pytest.fixture(scope="module")
 def tiny() -> DiffusionModels:
     return load_diffusion(TINY, seed=0)
@@ -85,7 +67,7 @@ def saved(tmp_path_factory) -> tuple[Path, DiffusionModels]:
     models.vae.save_pretrained(root / "vae")
     models.text_encoder.save_pretrained(root / "text_encoder")
     PNDMScheduler.from_config({**SD15_SCHEDULER, "beta_end": 0.02}).save_pretrained(root / "scheduler")
-    _write_tokenizer(root / "tokenizer", pad_token="!")
+    write_tokenizer(root / "tokenizer", pad_token="!")
     index = {
         "_class_name": "StableDiffusionPipeline",
         "unet": ["diffusers", "UNet2DConditionModel"],
@@ -395,7 +377,7 @@ def hf_tokenizers(tmp_path_factory):
     out = {}
     for pad_token, pad_id in (("<|endoftext|>", EOT), ("!", 0)):
         folder = tmp_path_factory.mktemp("tokenizer")
-        _write_tokenizer(folder, pad_token)
+        write_tokenizer(folder, pad_token)
         out[pad_id] = CLIPTokenizer.from_pretrained(str(folder))
     return out
 

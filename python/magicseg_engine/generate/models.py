@@ -410,6 +410,13 @@ def uses_channels_last(requested: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if requested is None else requested
 
 
+def config_family(config: DiffusionConfig) -> str:
+    """The family `load_diffusion(config)` would load, read without loading any weights."""
+    if config.weights == "pretrained":
+        return detect_family(_resolve_folder(config.model or "")).family
+    return ARCHITECTURE_FAMILY[config.architecture]
+
+
 def check_image_size(models: DiffusionModels, height: int, width: int) -> None:
     """UsageError unless the VAE and the UNet can take `height` x `width` images.
 
