@@ -212,7 +212,7 @@ def invoke(*args):
     [
         (["--size", 60, 64], "height: Value error, must be a multiple of 8"),
         (["--steps", 0], "diffusion.steps: Input should be greater than 0"),
-        (["--preset", "sdxl"], "unknown preset 'sdxl'"),
+        (["--preset", "sd3"], "unknown preset 'sd3'"),
         (["--num-pairs", 0], "--num-pairs must be a positive number"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
         (["--preset", "sd15", "--model", "/nonexistent/model", "--no-sam"], "/nonexistent/model"),
