@@ -934,7 +934,8 @@ def export_component(
     import onnx
 
     _check_component(component)
-    refuse_added_conditions(module_or_models if component in DIFFUSION_COMPONENTS else None)
+    if component in DIFFUSION_COMPONENTS:
+        refuse_added_conditions(module_or_models)
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(f"opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset!r}")
     if latent_size is not None and component not in ("unet", "vae-decoder"):

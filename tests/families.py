@@ -98,6 +98,9 @@ def write_family(root: Path, family: str, seed: int = 0, **index_extra) -> Path:
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", type(scheduler).__name__],
+        # Optional components, written as recent diffusers write them when absent.
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
     }
     if family == "sdxl":
         write_tokenizer(root / "tokenizer_2", "!")

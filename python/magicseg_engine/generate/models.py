@@ -179,16 +179,10 @@ SDXL_TEXT_ENCODER_2: dict[str, Any] = {
 
 SDXL_SCHEDULER: dict[str, Any] = {**SD15_SCHEDULER, "timestep_spacing": "leading"}
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+# The image side each family was trained at (its presets' --size); messages name it.
+NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 # The family each random architecture (DiffusionConfig.architecture) belongs to.
 ARCHITECTURE_FAMILY = {"tiny": "sd1", "shapes": "sd1", "sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
-# What each family samples with unless told otherwise: size and steps. SDXL's own pipeline uses
-# Euler; any of SCHEDULERS samples every family.
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sd1": {"size": 512, "steps": 20},
-    "sd2": {"size": 768, "steps": 20},
-    "sdxl": {"size": 1024, "steps": 20},
-}
 
 # Small enough that 64x64 images (8x8 latents) sample in milliseconds per step on a CPU, yet
 # with the same block types as SD so attention capture and the sampler meet the real structure.
@@ -276,7 +270,7 @@ class DiffusionModels:
     tokenizer: ClipTokenizer
     scheduler_config: dict  # noise schedule settings, for make_scheduler
     model_id: str  # identifies the weights; part of every sample key
-    family: str = "sd1"  # one of FAMILIES
+    family: str = "sd1"  # one of NATIVE_SIZE's keys
     # SDXL's second text encoder (a CLIPTextModelWithProjection) and its tokenizer; None otherwise.
     text_encoder_2: Any = None
     tokenizer_2: ClipTokenizer | None = None
@@ -392,9 +386,9 @@ def load_diffusion(
         models = _load_pretrained(config.model or "", device, dtype)
         expected = ARCHITECTURE_FAMILY.get(config.architecture)
         if expected and expected != models.family:
-            size = FAMILY_DEFAULTS[models.family]["size"]
             log.warning("%s holds an %s model, not %s: it samples at %dx%d as asked (its native size is %d)",
-                        config.model, models.family, expected, config.height, config.width, size)
+                        config.model, models.family, expected, config.height, config.width,
+                        NATIVE_SIZE[models.family])
     elif config.weights == "shipped":
         models = _load_shipped(device, dtype)
     else:
@@ -430,7 +424,7 @@ def check_image_size(models: DiffusionModels, height: int, width: int) -> None:
         if value % factor or value < smallest:
             raise UsageError(f"--{name} {value}: the {models.family} model's VAE works in {factor}-pixel latents and "
                              f"its UNet halves them {down.bit_length() - 1} times, so sizes must be multiples of "
-                             f"{factor} and at least {smallest} (its native size is {FAMILY_DEFAULTS[models.family]['size']})")
+                             f"{factor} and at least {smallest} (its native size is {NATIVE_SIZE[models.family]})")
 
 
 def model_identity(config: DiffusionConfig, device: str | torch.device = "cpu", seed: int = 0) -> str:
@@ -664,7 +658,10 @@ def detect_family(root: Path) -> FolderLayout:
     index = _read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
     pipeline = str(index.get("_class_name") or "pipeline")
     for component, what in _FOREIGN_COMPONENTS.items():
-        if component in index or (component == "transformer" and (root / component).is_dir()):
+        # Recent diffusers write optional components as [null, null] ("image_encoder" in every
+        # SD and SDXL folder): only a declared one tells another kind of pipeline.
+        declared = isinstance(index.get(component), list) and index[component][:1] != [None]
+        if declared or (component == "transformer" and (root / component).is_dir()):
             raise UsageError(f"{root} holds {pipeline}, {what}; supported: {SUPPORTED}")
     two_encoders = (root / "text_encoder_2").is_dir()
     if (two_encoders and not (root / "text_encoder").is_dir()) or index.get("requires_aesthetics_score"):
