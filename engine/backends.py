@@ -23,7 +23,6 @@ from magicseg_engine.engine.export import (
     CAPTURE_COMPONENT,
     DIFFUSION_COMPONENTS,
     SAM_COMPONENTS,
-    refuse_added_conditions,
     to_numpy,
 )
 from magicseg_engine.errors import UsageError
@@ -179,8 +178,7 @@ class ExportedUNet:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
                  added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        # `added` is always None here: make_runners refuses UNets with added conditions (SDXL).
-        feeds = {"sample": x, "timestep": t.expand(x.shape[0]), "encoder_hidden_states": ctx}
+        feeds = {"sample": x, "timestep": t.expand(x.shape[0]), "encoder_hidden_states": ctx, **(added or {})}
         extra = self.capture.external_inputs(x) if self.capture is not None else None
         if extra is None:
             return self.plain(**feeds)["noise_pred"].to(x.dtype)
@@ -193,10 +191,16 @@ class ExportedUNet:
 def exported_runners(backend: str, components: dict, capture_layers: dict[str, int], where: str) -> DiffusionRunners:
     """Runners over exported components (name -> callable of named tensors), for onnxruntime and tensorrt."""
     unet = ExportedUNet(components["unet"], components.get(CAPTURE_COMPONENT), capture_layers, where)
+
+    def encode_text(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = components["text-encoder"](input_ids=ids.long())
+        if "text_embeds" in out:  # SDXL's two encoders, exported as one graph
+            return out["encoder_hidden_states"], out["text_embeds"]
+        return out["last_hidden_state"], None
+
     return DiffusionRunners(
         backend=backend,
-        # One text encoder: make_runners refuses SDXL's two before any engine loads.
-        encode_text=lambda ids: (components["text-encoder"](input_ids=ids.long())["last_hidden_state"], None),
+        encode_text=encode_text,
         predict_noise=unet,
         # The exported decoder divides by the VAE scale itself.
         decode=lambda z: components["vae-decoder"](latents=z)["image"],
@@ -310,7 +314,6 @@ def make_runners(backend: str, models, engines: Path | None = None, latent_shape
     if backend == "compile":
         return compile_runners(models)
     if backend in EXPORTED_BACKENDS:
-        refuse_added_conditions(models)
         if engines is None:
             raise UsageError(f"--backend {backend} needs --engines DIR, written by magicseg-engine build-engines"
                              + (" --format tensorrt" if backend == "tensorrt" else ""))

@@ -20,7 +20,6 @@ import torch
 from magicseg_engine.atomic import atomic_write_text, check_writable_dir
 from magicseg_engine.config import RunConfig, library_versions
 from magicseg_engine.engine.export import (
-    SDXL_NOT_EXPORTED,
     CAPTURE_COMPONENT,
     COMPONENTS,
     DIFFUSION_COMPONENTS,
@@ -70,19 +69,25 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(sizes)))
 
 
+def component_precision(component: str, source, precision: str) -> str:
+    """The precision `component` is exported and built in when `precision` is asked for: fp32 for
+    a VAE decoder that overflows in float16 (SDXL's), as the torch backends decode it; `precision`
+    for everything else (bfloat16 has float32's range)."""
+    if component == "vae-decoder" and precision == "fp16" and getattr(source, "vae_overflows_in_float16", False):
+        return "fp32"
+    return precision
+
+
 def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, batch_sizes: Sequence[int],
                   components: Sequence[str], device: str) -> dict:
     """Export (and with fmt "tensorrt", build) each component; write and return the manifest."""
-    from magicseg_engine.generate.models import config_family, load_diffusion, resolve_dtype
+    from magicseg_engine.generate.models import load_diffusion, resolve_dtype
     from magicseg_engine.masks.sam import build_sam
 
     if fmt == "tensorrt":
         from magicseg_engine.engine.tensorrt import require_tensorrt
 
         require_tensorrt()  # before any model loads or any file is written
-    if any(c in DIFFUSION_COMPONENTS + (CAPTURE_COMPONENT,) for c in components) \
-            and config_family(config.diffusion) == "sdxl":
-        raise UsageError(SDXL_NOT_EXPORTED)  # before any model loads or any file is written
     check_writable_dir(out)
     dtype = resolve_dtype("float32", device)
     models = sam = None
@@ -100,8 +105,9 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
 
             layers = AttentionCapture(models.unet, models.tokenizer, steps=config.masks.capture_steps,
                                       factors=config.masks.attention_factors).layers
-        exported = export_component("unet" if layers else component, source, out / "onnx", precision=precision,
-                                    capture_layers=layers)
+        component_prec = component_precision(component, source, precision)
+        exported = export_component("unet" if layers else component, source, out / "onnx",
+                                    precision=component_prec, capture_layers=layers)
         check_exported(exported)
         entry = {"component": component, "format": "onnx", "path": str(exported.path.relative_to(out)),
                  "sha256": exported.sha256, "precision": exported.precision, "opset": exported.opset,
@@ -109,7 +115,7 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
                  "external_data": exported.external_data}
         if layers:
             entry["capture_layers"] = layers
-        if precision == "fp32":
+        if component_prec == "fp32":
             # One sample through onnxruntime against torch: a broken export is caught here, not mid-run.
             check = (capture_parity(source, exported) if layers
                      else parity(component, source, exported, sample_inputs(component, source, batch=1)))
@@ -118,7 +124,7 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
             from magicseg_engine.engine.tensorrt import build_engine
 
             fixed = {"sam-mask-decoder": SAM_DECODER_DIMS, CAPTURE_COMPONENT: capture_dims(batch_sizes)}.get(component)
-            engine = build_engine(exported, out / "tensorrt", batch_sizes, precision, fixed_dims=fixed,
+            engine = build_engine(exported, out / "tensorrt", batch_sizes, component_prec, fixed_dims=fixed,
                                   timing_cache_path=out / "tensorrt" / "timing.cache")
             entry["engine"] = str(Path(engine).relative_to(out))
         entries.append(entry)

@@ -78,6 +78,25 @@ as ``class_attention_reference``; accumulating over steps and upsampling is the 
 The noise prediction is the plain UNet's. The file records its layers as metadata
 (``magicseg.capture_layers``, JSON name -> factor).
 
+SDXL (a UNet whose ``addition_embed_type`` is ``text_time``, two text encoders) changes two
+files; the others are as above:
+
+==================  ==================================================  ===================================
+component           inputs                                              outputs
+==================  ==================================================  ===================================
+text-encoder        input_ids [batch, 2, L] int64 (one row per          encoder_hidden_states [batch, L, D1+D2],
+                    tokenizer, as DiffusionModels.tokenize gives)       text_embeds [batch, P]
+unet, unet-capture  as above, plus text_embeds [batch, P] and           as above
+                    time_ids [batch, 6] (the sampler's dtype)
+==================  ==================================================  ===================================
+
+The SDXL text encoder is both encoders in one graph, computing what ``text_conditioning``
+computes (both penultimate hidden states side by side, the second encoder's projected pooled
+embedding), so a runtime makes one call per prompt batch as it does for SD 1.x/2.x. Its
+outputs are named for the UNet inputs they feed. SDXL's VAE overflows in float16
+(``force_upcast``), so build-engines exports and builds its decoder in fp32 whatever the
+precision asked for (``component_precision``).
+
 Not exported: the SAM prompt encoder (points and boxes are embedded in torch; it is a few
 small ops).
 """
@@ -166,12 +185,23 @@ class ExportedModel:
 
 
 class _TextEncoder(torch.nn.Module):
-    def __init__(self, text_encoder: torch.nn.Module) -> None:
+    """One text encoder's last hidden state; with SDXL's second encoder, both as the sampler reads them."""
+
+    def __init__(self, text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids=input_ids, return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.text_encoder_2 is None:
+            return self.text_encoder(input_ids=input_ids, return_dict=False)[0]
+        from magicseg_engine.engine.backends import text_conditioning
+
+        return text_conditioning(self.text_encoder, self.text_encoder_2, input_ids)
+
+
+def _added(text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+    return None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
 
 
 class _UNet(torch.nn.Module):
@@ -179,8 +209,10 @@ class _UNet(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         added_cond_kwargs=_added(text_embeds, time_ids), return_dict=False)[0]
 
 
 class _VaeDecoder(torch.nn.Module):
@@ -328,12 +360,15 @@ class _UNetCapture(torch.nn.Module):
         previous = self._sums.get(factor)
         self._sums[factor] = maps if previous is None else previous + maps
 
+    # The added conditions come last, after the capture's inputs, so that SD 1.x/2.x files keep their inputs' order.
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                query_rows: torch.Tensor, key_rows: torch.Tensor, token_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                query_rows: torch.Tensor, key_rows: torch.Tensor, token_index: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         self._rows = (query_rows, key_rows, token_index)
         self._sums = {}
         try:
-            noise = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+            noise = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                              added_cond_kwargs=_added(text_embeds, time_ids), return_dict=False)[0]
             sums = dict(self._sums)
         finally:
             self._rows = None
@@ -344,14 +379,16 @@ class _UNetCapture(torch.nn.Module):
         return (noise, *(sums[f] for f in self.factors))
 
 
-def _capture_spec(factors: Sequence[int]) -> _Spec:
+def _capture_spec(factors: Sequence[int], unet: torch.nn.Module) -> _Spec:
     base = _SPECS["unet"]
+    added = ADDED_CONDITION_INPUTS if takes_added_conditions(unet) else ()
     outputs = tuple(f"maps_f{f}" for f in factors)
     dynamic = dict(base.dynamic)
     dynamic.update({"query_rows": {0: "rows"}, "key_rows": {0: "rows"},
                     "token_index": {0: "rows", 1: "classes", 2: "tokens"}})
+    dynamic.update({name: {0: "batch"} for name in added})
     dynamic.update({name: {0: "rows", 1: "classes"} for name in outputs})
-    return _Spec(base.inputs + CAPTURE_INPUTS, base.outputs + outputs, dynamic)
+    return _Spec(base.inputs + CAPTURE_INPUTS + added, base.outputs + outputs, dynamic)
 
 
 def _check_capture_layers(net: torch.nn.Module, capture_layers: Mapping[str, int]) -> dict[str, int]:
@@ -411,18 +448,31 @@ _SPECS: dict[str, _Spec] = {
 }
 
 
-SDXL_NOT_EXPORTED = ("ONNX and TensorRT exports of SDXL models (two text encoders, the UNet's added "
-                     "conditions) are not supported yet; run them with --backend torch or compile")
+# SDXL's UNet inputs beyond SD's three: the pooled text embedding and the six size numbers.
+ADDED_CONDITION_INPUTS = ("text_embeds", "time_ids")
+TIME_IDS = 6
 
 
-def refuse_added_conditions(module_or_models: Any) -> None:
-    """UsageError for SDXL-style models (a second text encoder, a UNet with added conditions),
-    whose exports (two more UNet inputs, the second encoder's pooled output) are not written yet."""
-    unet = getattr(module_or_models, "unet", module_or_models)
+def takes_added_conditions(unet: torch.nn.Module) -> bool:
+    """Whether the UNet takes SDXL's added conditions; UsageError for added conditions of other kinds."""
     config = getattr(unet, "config", None)
-    added = config.get("addition_embed_type") if hasattr(config, "get") else None
-    if getattr(module_or_models, "text_encoder_2", None) is not None or added:
-        raise UsageError(SDXL_NOT_EXPORTED)
+    kind = config.get("addition_embed_type") if hasattr(config, "get") else None
+    if kind not in (None, "text_time"):
+        raise UsageError(f"the UNet's added conditioning {kind!r} is not exported; SD 1.x, SD 2.x and SDXL "
+                         "(text_time) are")
+    return kind == "text_time"
+
+
+def _spec(component: str, wrapper: torch.nn.Module) -> _Spec:
+    """The inputs, outputs and dynamic axes of `component` exported from `wrapper` (as _wrap gives it)."""
+    spec = _SPECS[component]
+    if component == "unet" and takes_added_conditions(wrapper.unet):
+        return _Spec(spec.inputs + ADDED_CONDITION_INPUTS, spec.outputs,
+                     {**spec.dynamic, **{name: {0: "batch"} for name in ADDED_CONDITION_INPUTS}})
+    if component == "text-encoder" and wrapper.text_encoder_2 is not None:
+        outputs = ("encoder_hidden_states", "text_embeds")
+        return _Spec(spec.inputs, outputs, {"input_ids": {0: "batch"}, **{name: {0: "batch"} for name in outputs}})
+    return spec
 
 
 def _check_component(component: str) -> None:
@@ -453,9 +503,18 @@ def _network(component: str, module_or_models: Any) -> torch.nn.Module:
     return obj
 
 
-def _wrap(component: str, net: torch.nn.Module) -> torch.nn.Module:
+def _second_text_encoder(module_or_models: Any) -> torch.nn.Module | None:
+    """SDXL's second text encoder, where `module_or_models` is DiffusionModels that have one."""
+    return None if isinstance(module_or_models, torch.nn.Module) else getattr(module_or_models, "text_encoder_2", None)
+
+
+def _wrap(component: str, module_or_models: Any) -> torch.nn.Module:
+    """The module whose forward is the exported graph, over the caller's own networks."""
+    net = _network(component, module_or_models)
+    if component == "text-encoder":
+        return _TextEncoder(net, _second_text_encoder(module_or_models))
     return {
-        "text-encoder": _TextEncoder, "unet": _UNet, "vae-decoder": _VaeDecoder,
+        "unet": _UNet, "vae-decoder": _VaeDecoder,
         "sam-image-encoder": _SamImageEncoder, "sam-mask-decoder": _SamMaskDecoder,
     }[component](net)
 
@@ -497,7 +556,7 @@ def _target(precision: str, current: torch.device) -> tuple[torch.dtype, torch.d
 
 def _prepared(component: str, module_or_models: Any, precision: str) -> torch.nn.Module:
     """The component's wrapper, on the export device in the export dtype; the caller's models untouched."""
-    wrapper = _wrap(component, _network(component, module_or_models))
+    wrapper = _wrap(component, module_or_models)
     p = next(wrapper.parameters())
     dtype, device = _target(precision, p.device)
     if (p.dtype, p.device) != (dtype, device):
@@ -564,18 +623,32 @@ def sample_inputs(
 
     if component == "text-encoder":
         cfg = net.config
-        ids = torch.randint(0, cfg.vocab_size, (batch, cfg.max_position_embeddings), generator=gen)
+        second = _second_text_encoder(module_or_models)
+        if second is None:
+            ids = torch.randint(0, cfg.vocab_size, (batch, cfg.max_position_embeddings), generator=gen)
+        else:
+            vocab = min(cfg.vocab_size, second.config.vocab_size)
+            ids = torch.randint(0, vocab, (batch, 2, cfg.max_position_embeddings), generator=gen)
         return {"input_ids": ids.to(device)}
     if component == "unet":
         h, w = _latent_hw(component, net, latent_size)
         cross = net.config.cross_attention_dim
         cross = int(cross[0] if isinstance(cross, (list, tuple)) else cross)
         steps = int(getattr(net.config, "num_train_timesteps", None) or 1000)
-        return {
+        inputs = {
             "sample": randn(batch, net.config.in_channels, h, w),
             "timestep": torch.randint(0, steps, (batch,), generator=gen).float().to(device),
             "encoder_hidden_states": randn(batch, _context_length(module_or_models), cross),
         }
+        if takes_added_conditions(net):
+            cfg = net.config
+            pooled = cfg.projection_class_embeddings_input_dim - TIME_IDS * cfg.addition_time_embed_dim
+            # As the sampler gives them: original size, crop corner (0, 0), target size, in pixels
+            # (of SD's 8x VAE; the UNet alone does not know its VAE).
+            size = torch.tensor([8 * h, 8 * w], dtype=torch.float32)
+            time_ids = torch.cat([size, torch.zeros(2), size]).expand(batch, TIME_IDS)
+            inputs.update(text_embeds=randn(batch, pooled), time_ids=time_ids.to(device, dtype))
+        return inputs
     if component == "vae-decoder":
         h, w = _latent_hw(component, net, latent_size)
         return {"latents": randn(batch, net.config.latent_channels, h, w)}
@@ -905,6 +978,8 @@ def _quiet_export() -> Iterator[None]:
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
         warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+        # CLIP's pooled output picks each row's end token by argmax, an index never negative.
+        warnings.filterwarnings("ignore", message=r"Exporting aten::index operator of advanced indexing.*")
         yield
 
 
@@ -934,8 +1009,6 @@ def export_component(
     import onnx
 
     _check_component(component)
-    if component in DIFFUSION_COMPONENTS:
-        refuse_added_conditions(module_or_models)
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(f"opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset!r}")
     if latent_size is not None and component not in ("unet", "vae-decoder"):
@@ -951,14 +1024,14 @@ def export_component(
     wrapper = _prepared(component, module_or_models, precision)
     installed: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if layers is None:
-        spec = _SPECS[component]
+        spec = _spec(component, wrapper)
         name = component
         # Traced at batch 2: at 1 the tracer could take the batch for a broadcastable constant.
         example = _export_inputs(component, module_or_models, wrapper, latent_size)
     else:
         wrapper = _UNetCapture(wrapper.unet, layers)
         installed = wrapper.installed()
-        spec = _capture_spec(wrapper.factors)
+        spec = _capture_spec(wrapper.factors, wrapper.unet)
         name = CAPTURE_COMPONENT
         example = _capture_export_inputs(module_or_models, wrapper, latent_size)
     final = out_dir / f"{name}.onnx"
@@ -1166,7 +1239,7 @@ def torch_callable(component: str, source: Any) -> Callable[..., Any]:
     """The torch computation that `component` of `source` was exported from, taking the
     export's inputs in order: the reference for parity checks and backend benchmarks."""
     _check_component(component)
-    wrapper = _wrap(component, _network(component, source))
+    wrapper = _wrap(component, source)
     wrapper.eval()
     return wrapper
 
@@ -1192,9 +1265,9 @@ def parity(
     if exported.component != component:
         raise ValueError(f"the exported file is a {exported.component}, not a {component}")
     net = _network(component, torch_module)
-    wrapper = _wrap(component, net)
+    wrapper = _wrap(component, torch_module)
     p = _param(net, component)
-    spec = _SPECS[component]
+    spec = _spec(component, wrapper)
     missing = [n for n in spec.inputs if n not in sample_inputs]
     if missing:
         raise ValueError(f"{component} needs inputs {', '.join(spec.inputs)}; missing {', '.join(missing)}")

@@ -207,19 +207,3 @@ def test_a_size_the_unet_cannot_take_is_refused(folders, tmp_path):
     assert result.exit_code == 2, result.output
     assert "--height 24" in result.output and "at least 32" in result.output
     assert not out.exists()
-
-
-def test_sdxl_exports_are_refused_before_any_work(folders, tmp_path):
-    from magicseg_engine.engine.backends import make_runners
-    from magicseg_engine.engine.export import export_component
-
-    models = load_diffusion(_config(folders["sdxl"]))
-    for component in ("text-encoder", "unet"):
-        with pytest.raises(UsageError, match="exports of SDXL models .* not supported yet"):
-            export_component(component, models, tmp_path / "onnx")
-    with pytest.raises(UsageError, match="--backend torch or compile"):
-        make_runners("onnxruntime", models, tmp_path)
-    out = tmp_path / "engines"
-    result = invoke("build-engines", "--preset", "sdxl-random", "--out", out)
-    assert result.exit_code == 2 and "not supported yet" in result.output, result.output
-    assert not out.exists() and not (tmp_path / "onnx").exists()

@@ -614,6 +614,39 @@ def test_build_step_checks_onnx_against_export_record(recording, tmp_path):
     assert fake.calls("profile") == [] and fake.calls("build")
 
 
+def test_sdxl_exports_get_profiles_for_every_input(recording, tmp_path):
+    """SDXL's text encoder ([batch, 2, L] ids), UNet (text_embeds, time_ids) and unet-capture:
+    the profiles build_engine derives cover every input of the real ONNX files, batch ranged."""
+    from families import TEXT_1, TEXT_2, write_family
+
+    from magicseg_engine.config import DiffusionConfig
+    from magicseg_engine.engine.export import export_component
+    from magicseg_engine.generate.attention import AttentionCapture
+    from magicseg_engine.generate.models import load_diffusion
+
+    folder = write_family(tmp_path / "sdxl", "sdxl")
+    models = load_diffusion(DiffusionConfig(architecture="sd15", weights="pretrained", model=str(folder),
+                                            dtype="float32"))
+    layers = AttentionCapture(models.unet, models.tokenizer).layers
+    files = {c: export_component(c, models, tmp_path / "onnx") for c in ("text-encoder", "unet")}
+    files["unet-capture"] = export_component("unet", models, tmp_path / "onnx", capture_layers=layers)
+    sizes = [1, 4, 8]
+    fixed = {"unet-capture": capture_dims(sizes)}
+    for component, exported in files.items():
+        fake = recording()
+        profile = profile_shapes(exported.input_shapes, sizes, fixed.get(component))
+        trt_mod._build_serialized(exported, profile, "fp16", timing_cache_path=None, workspace_gib=None)
+        assert fake.calls("profile") == [("profile", profile)]
+        assert set(profile) == set(exported.input_names)
+    unet = trt_mod.profile_shapes(files["unet"].input_shapes, sizes)
+    pooled, width = TEXT_2["projection_dim"], TEXT_1["hidden_size"] + TEXT_2["hidden_size"]
+    assert unet["text_embeds"] == ((1, pooled), (8, pooled), (8, pooled))
+    assert unet["time_ids"] == ((1, 6), (8, 6), (8, 6))
+    assert unet["encoder_hidden_states"][2] == (8, 77, width)
+    assert trt_mod.profile_shapes(files["text-encoder"].input_shapes, sizes)["input_ids"] == \
+        ((1, 2, 77), (8, 2, 77), (8, 2, 77))
+
+
 # --------------------------------------------------------------------------- on a GPU
 
 def test_runner_without_tensorrt_is_a_usage_error(monkeypatch, tmp_path):

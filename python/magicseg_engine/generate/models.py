@@ -294,6 +294,12 @@ class DiffusionModels:
         return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
 
     @property
+    def vae_overflows_in_float16(self) -> bool:
+        """SDXL's VAE overflows in float16: its config says force_upcast, which diffusers' SDXL
+        pipelines read and its SD 1.x/2.x ones ignore (every VAE config defaults it to true)."""
+        return self.family == "sdxl" and bool(self.vae.config.get("force_upcast", True))
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -531,11 +537,8 @@ def _finish(models: DiffusionModels, channels_last: bool) -> None:
         if module is not None:
             module.eval()
             module.requires_grad_(False)
-    upcast = models.family == "sdxl" and models.vae.config.get("force_upcast", True)
-    if upcast and next(models.vae.parameters()).dtype is torch.float16:
-        # SDXL's VAE overflows in float16 (its config says force_upcast, which diffusers' SDXL
-        # pipelines read and its SD 1.x/2.x ones ignore, as every VAE config defaults it to
-        # true). Those pipelines upcast it for every decode; here it is kept in float32 once.
+    if models.vae_overflows_in_float16 and next(models.vae.parameters()).dtype is torch.float16:
+        # diffusers' SDXL pipelines upcast the VAE for every decode; here it is kept in float32 once.
         # The decoder is a small part of a pair's time; bfloat16 has float32's range and
         # stays as asked.
         log.info("the VAE overflows in float16 (force_upcast): decoding in float32")
