@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU rows of benchmarks/results, on a CUDA machine where magicseg-engine is installed:
 #
-#   bash benchmarks/gpu_pass.sh [tune|all|both|world] [PRESET]      (default: both sd15-random)
+#   bash benchmarks/gpu_pass.sh [tune|all|both|world|families] [PRESET]      (default: both sd15-random)
 #
 # tune: backend x precision x memory layout x attention kernel x batch size, prompts to shards
 #       with masks, against the reference pipeline; UNet TFLOP/s and the fraction of the dense peak.
@@ -9,6 +9,10 @@
 # world: train-world on the GPU with a schedule 14x the shipped one's (4x the scenes, 4x the batch,
 #       3.6x the steps, a few minutes), then `bench quality` on it: does the shapes model learn to
 #       draw shapes when it is trained longer? (quality-shapes-long-<gpu>-<date>.json)
+# families: `bench unet` on sd15-random, sd21-random and sdxl-random in float16 (rows/s, TFLOP/s,
+#       fraction of the dense peak per family: unet-<preset>-<gpu>-<date>.json), then build-engines
+#       of the full-size SDXL in fp16 (text encoders, UNet, VAE decoder; about 40 GB of host memory),
+#       its manifest kept as engines-sdxl-random-<gpu>-<date>.json.
 # Each writes benchmarks/results/<what>-<preset>-<gpu>-<date>.json, then the results page and
 # charts are made again. Extra options for `bench tune` can be given in TUNE_ARGS, e.g.
 #   TUNE_ARGS="--variants torch:bfloat16,compile:bfloat16 --batch-sizes 8,16" bash benchmarks/gpu_pass.sh tune
@@ -20,8 +24,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 results="$here/results"
 python="${PYTHON:-python}"
 case "$what" in
-  tune|all|both|world) ;;
-  *) echo "usage: bash benchmarks/gpu_pass.sh [tune|all|both|world] [PRESET]" >&2; exit 2 ;;
+  tune|all|both|world|families) ;;
+  *) echo "usage: bash benchmarks/gpu_pass.sh [tune|all|both|world|families] [PRESET]" >&2; exit 2 ;;
 esac
 
 gpu="$("$python" - <<'EOF'
@@ -45,6 +49,19 @@ if [[ "$what" == world ]]; then
     --batch-size 256 --resume
   "$python" -m magicseg_engine.cli bench quality --preset shapes --model "$model" --pairs 128 --device cuda \
     --json "$results/quality-shapes-long-$gpu-$date.json"
+  "$python" "$here/summarize.py"
+  exit 0
+fi
+
+if [[ "$what" == families ]]; then
+  for family in sd15-random sd21-random sdxl-random; do
+    "$python" -m magicseg_engine.cli bench unet --preset "$family" --device cuda \
+      --json "$results/unet-$family-$gpu-$date.json"
+  done
+  engines="${ENGINES_OUT:-/tmp/engines-sdxl-random}"
+  "$python" -m magicseg_engine.cli build-engines --preset sdxl-random --device cuda --precision fp16 \
+    --components text-encoder,unet,vae-decoder --out "$engines"
+  cp "$engines/manifest.json" "$results/engines-sdxl-random-$gpu-$date.json"
   "$python" "$here/summarize.py"
   exit 0
 fi

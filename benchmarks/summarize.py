@@ -116,6 +116,25 @@ def headline(name: str, data: dict) -> list[tuple[str, str, str]]:
         return [(f"segmentation model, {arm}: mIoU (all / seen / unseen classes)", f"{r['miou']:.3f}",
                  f"{r['miou_seen']:.3f} / {r['miou_unseen']:.3f}{found(r)}; {setting}")
                 for arm, r in data["arms"].items()]
+    if data.get("benchmark") == "flops":
+        gpus = list(data["peaks_tflops"])
+        return [(f"{r['preset']} ({r['family']}, {r['height']}x{r['width']}, {r['steps']} steps): FLOPs per guided "
+                 f"pair vs {data['baseline']}", f"{r['vs_first']:.2f}x",
+                 f"{r['pair_tflops']:.1f} TFLOP per pair, UNet {r['unet_tflops_per_row']:.2f} TFLOP per row "
+                 f"({100 * r['unet_share']:.0f}% of the pair); pairs/s at the dense peak: "
+                 + ", ".join(f"{g} {r['ceiling_pairs_per_s'][g]:.3g}" for g in gpus))
+                for r in data["rows"]]
+    if "components" in data and "model_id" in data:  # a build-engines manifest
+        return [(f"{e['component']} exported ({e['precision']}), onnxruntime vs torch: largest relative difference",
+                 "-" if "onnxruntime_parity" not in e else f"{e['onnxruntime_parity']['max_rel']:.2e}",
+                 ", ".join(f"{k} {v}" for k, v in e["input_shapes"].items())
+                 + (f"; engine {e['engine']}" if "engine" in e else ""))
+                for e in data["components"]]
+    if "headline" in data:  # one benchmark of the suite run alone (bench unet, bench sam, ...)
+        h = data["headline"]
+        return [(f"{h['bench']}: {h['compared']}", "-" if h["ratio"] is None else f"{h['ratio']:.2f}x",
+                 ("-" if h["ours"] is None else f"{h['ours']:.3g}") + f" vs {h['baseline']:.3g} {h['unit']}"
+                 + (f"; {h['note']}" if h["note"] else ""))]
     rows = []
     for key, value in data.get("ratios", {}).items():
         if "speedup" in key and "all_threads" in key:
@@ -202,6 +221,8 @@ def main() -> None:
         machine = data.get("machine", {})
         cores = machine.get("cpu_count") or machine.get("logical_cpus")
         where = machine.get("gpu") or f"CPU ({cores} logical cores)"
+        if data.get("benchmark") == "flops":
+            where = "none: counted on the meta device, the same on any machine"
         lines += [f"## {path.stem}", "", f"Device: {where}", "", "| measurement | ratio | detail |", "|---|---|---|"]
         lines += [f"| {w} | {r} | {d} |" for w, r, d in headline(path.stem, data)]
         lines.append("")

@@ -81,6 +81,7 @@ def component_precision(component: str, source, precision: str) -> str:
 def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, batch_sizes: Sequence[int],
                   components: Sequence[str], device: str) -> dict:
     """Export (and with fmt "tensorrt", build) each component; write and return the manifest."""
+    from magicseg_engine.bench.common import device_info
     from magicseg_engine.generate.models import load_diffusion, resolve_dtype
     from magicseg_engine.masks.sam import build_sam
 
@@ -134,7 +135,7 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
         "sam": {"model_type": config.sam.model_type, "checkpoint": config.sam.checkpoint} if sam is not None else None,
         "sam_id": sam_identity(config) if sam is not None else None,
         "preset": config.preset, "format": fmt, "precision": precision, "batch_sizes": list(batch_sizes),
-        "components": entries, "versions": library_versions(),
+        "components": entries, "versions": library_versions(), "machine": device_info(torch.device(device)),
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

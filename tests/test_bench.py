@@ -98,6 +98,45 @@ def test_unet_flops_are_linear_in_rows_and_the_baseline_is_two_rows(sampler):
     assert r["speedup"] == pytest.approx(r["best"]["rows_per_s"] / r["baseline"]["rows_per_s"])
 
 
+def test_flops_counted_on_the_meta_device_are_the_real_modules_counts(sampler):
+    from magicseg_engine.bench.flops import count_pair_flops
+
+    real = pair_flops(sampler)
+    meta = count_pair_flops("tiny")
+    assert meta["pair_tflops"] * 1e12 == pytest.approx(real["pair"], rel=1e-12)
+    assert meta["unet_tflops_per_row"] * 4e12 == pytest.approx(real["unet_call_4_rows"], rel=1e-12)
+    assert meta["parameters"]["unet"] == sum(p.numel() for p in sampler.models.unet.parameters())
+
+
+def test_flops_benchmark_counts_every_family_against_sd15(tmp_path):
+    from magicseg_engine.bench.common import DENSE_PEAK_TFLOPS
+    from magicseg_engine.bench.unet import unet_flops_per_row
+
+    out = tmp_path / "flops.json"
+    result = CliRunner().invoke(app, ["bench", "flops", "--steps", "10", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    rows = {r["preset"]: r for r in data["rows"]}
+    assert list(rows) == ["sd15-random", "sd21-random", "sdxl-random"] and data["baseline"] == "sd15-random"
+    assert [(r["family"], r["height"], r["steps"]) for r in rows.values()] == [("sd1", 512, 10), ("sd2", 768, 10),
+                                                                              ("sdxl", 1024, 10)]
+    assert rows["sd15-random"]["vs_first"] == 1.0
+    # Bigger UNets at more pixels: each family costs several times the one before.
+    assert 2 < rows["sd21-random"]["vs_first"] < rows["sdxl-random"]["vs_first"] / 2
+    assert rows["sdxl-random"]["parameters"]["unet"] == 2_567_463_684  # SDXL base as published
+    for r in rows.values():
+        assert r["ceiling_pairs_per_s"]["H100 SXM"] == pytest.approx(DENSE_PEAK_TFLOPS["H100 SXM"] / r["pair_tflops"])
+        assert 0.5 < r["unet_share"] < 1
+    # The SDXL UNet's count includes its added conditions (bench unet counts through the same path).
+    sampler_xl = build_sampler(load_preset("sdxl-random", {"diffusion": {"dtype": "float32"}}), "meta")
+    assert unet_flops_per_row(sampler_xl) == pytest.approx(rows["sdxl-random"]["unet_tflops_per_row"] * 1e12, rel=1e-12)
+    result = CliRunner().invoke(app, ["bench", "flops", "--presets", "sd15"])
+    assert result.exit_code == 2 and "random preset" in result.stderr
+    page = _summarize(tmp_path)
+    assert "| sdxl-random (sdxl, 1024x1024, 10 steps): FLOPs per guided pair vs sd15-random |" in page
+    assert f"H100 SXM {rows['sdxl-random']['ceiling_pairs_per_s']['H100 SXM']:.3g}" in page
+
+
 def test_losses_benchmark_times_the_references_and_says_why_not_the_kernels():
     import torch
 

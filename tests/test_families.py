@@ -207,3 +207,17 @@ def test_a_size_the_unet_cannot_take_is_refused(folders, tmp_path):
     assert result.exit_code == 2, result.output
     assert "--height 24" in result.output and "at least 32" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_benchmarks_run_on_every_family(folders, family):
+    """bench generate and bench unet drive the family's UNet with its added conditions (SDXL)."""
+    from magicseg_engine.bench.generate import bench_generate, pair_flops
+    from magicseg_engine.bench.unet import bench_unet, unet_flops_per_row
+
+    sampler = _sampler(folders[family], SamplingSettings(height=64, width=64, steps=2, guidance=4.0, scheduler="euler"))
+    generated = bench_generate(sampler, ["a dog", "a cat"], ["a cat", "a dog"], [1, 2], batch_size=2, warmup=0, reps=1)
+    assert generated["engine"]["pairs_per_s"] > 0 and generated["reference"]["pairs_per_s"] > 0
+    unet = bench_unet(sampler, (1,), warmup=0, reps=1)
+    assert [r["rows"] for r in unet["rows"]] == [2, 4]
+    assert 4 * unet_flops_per_row(sampler) == pair_flops(sampler)["unet_call_4_rows"] == 4 * unet["flops_per_row"]

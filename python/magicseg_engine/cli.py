@@ -968,6 +968,34 @@ def bench_generate_command(
         highlight=False)
 
 
+@bench_app.command("flops")
+@reports_usage_errors
+def bench_flops_command(
+    presets: Annotated[str, typer.Option("--presets", help="Comma-separated presets; the first is the baseline.")] =
+        "sd15-random,sd21-random,sdxl-random",
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps (preset default if unset).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+) -> None:
+    """FLOPs per guided pair of each family at its native size, counted on the meta device, and the pairs/s ceiling per GPU."""
+    from rich.table import Table
+
+    from magicseg_engine.bench.flops import CEILING_GPUS, bench_flops
+
+    if steps is not None and steps <= 0:
+        raise UsageError(f"--steps {steps}: give a positive number of denoising steps")
+    names = [p.strip() for p in presets.split(",") if p.strip()]
+    result = bench_flops(names, steps)
+    _write_bench_json(result, json_out)
+    table = Table(title=f"TFLOP per guided pair (vs {result['baseline']}); pairs/s at each GPU's dense peak")
+    for column in ("preset", "size", "steps", "UNet/row", "pair", "vs first", *CEILING_GPUS):
+        table.add_column(column)
+    for r in result["rows"]:
+        table.add_row(r["preset"], f"{r['height']}x{r['width']}", str(r["steps"]), f"{r['unet_tflops_per_row']:.3g}",
+                      f"{r['pair_tflops']:.4g}", f"{r['vs_first']:.2f}x",
+                      *(f"{r['ceiling_pairs_per_s'][gpu]:.3g}" for gpu in CEILING_GPUS))
+    stderr.print(table)
+
+
 @bench_app.command("masks")
 @reports_usage_errors
 def bench_masks_command(

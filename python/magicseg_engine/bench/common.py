@@ -81,3 +81,16 @@ def summarise(times: list[float]) -> dict:
 
 def environment(device: torch.device) -> dict:
     return {"machine": device_info(device), "versions": library_versions()}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of `fn()` by torch's flop counter, attention held to SDPA's math kernel: the counter
+    has no formula for the CPU's fused attention kernel (it counted no attention there), and the
+    math kernel does the same two matmuls as the fused kernels it stands in for."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        fn()
+    return counter.get_total_flops()

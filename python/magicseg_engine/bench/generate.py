@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from magicseg_engine.bench.common import dense_peak_tflops, environment, summarise, time_calls
+from magicseg_engine.bench.common import count_flops, dense_peak_tflops, environment, summarise, time_calls
 from magicseg_engine.engine.backends import text_conditioning
 from magicseg_engine.generate.models import make_scheduler
 from magicseg_engine.generate.sampler import PairedSampler, initial_noise, to_uint8_images
@@ -59,10 +58,7 @@ def pair_flops(sampler: PairedSampler) -> dict:
         # Both encoders where the family has two (SDXL).
         "text_encoder_1_prompt": lambda: text_conditioning(m.text_encoder, m.text_encoder_2, ids),
     }.items():
-        counter = FlopCounterMode(display=False)
-        with counter:
-            fn()
-        counts[name] = counter.get_total_flops()
+        counts[name] = count_flops(fn)
     counts["pair"] = s.steps * counts["unet_call_4_rows"] + 2 * counts["vae_decode_1_image"] + 3 * counts["text_encoder_1_prompt"]
     return counts
 

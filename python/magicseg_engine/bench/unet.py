@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from magicseg_engine.bench.common import dense_peak_tflops, environment, summarise
-from magicseg_engine.bench.generate import unet_step_times
+from magicseg_engine.bench.common import count_flops, dense_peak_tflops, environment, summarise
+from magicseg_engine.bench.generate import unet_step_times, zero_conditions
 from magicseg_engine.generate.sampler import PairedSampler
 
 REFERENCE_ROWS = 2
@@ -23,13 +22,10 @@ REFERENCE_ROWS = 2
 @torch.inference_mode()
 def unet_flops_per_row(sampler: PairedSampler) -> int:
     """FLOPs of one latent row through the UNet (the count is linear in the rows)."""
-    m = sampler.models
     latents = torch.zeros(1, *sampler.latent_shape, device=sampler.device, dtype=sampler.dtype)
-    context = torch.zeros(1, m.context_length, m.cross_attention_dim, device=sampler.device, dtype=sampler.dtype)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        m.unet(latents, torch.tensor(500, device=sampler.device), encoder_hidden_states=context)
-    return counter.get_total_flops()
+    context, added = zero_conditions(sampler, 1)
+    return count_flops(lambda: sampler.models.unet(latents, torch.tensor(500, device=sampler.device),
+                                                   encoder_hidden_states=context, added_cond_kwargs=added))
 
 
 def bench_unet(sampler: PairedSampler, pair_batches: Sequence[int] = (1, 2, 4, 8), warmup: int = 1,
