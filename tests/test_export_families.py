@@ -163,6 +163,14 @@ def test_build_engines_then_onnxruntime_generation_matches_torch(folders, tmp_pa
     assert result.exit_code == 0, result.output
     manifest = json.loads((engines / "manifest.json").read_text())
     assert all(e["onnxruntime_parity"]["max_rel"] < 1e-4 for e in manifest["components"])
+    # bench backends feeds each file at the size it was exported for (64 px here, not the UNet's default).
+    timings = tmp_path / "backends.json"
+    result = invoke("bench", "backends", "--preset", "sd15", "--model", folders[family], "--engines", engines,
+                    "--batch-sizes", "1,2", "--reps", 1, "--warmup", 0, "--device", "cpu", "--json", timings)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(timings.read_text())["results"]
+    assert [(r["component"], r["batch"]) for r in rows] == [(c, b) for c in DIFFUSION_COMPONENTS for b in (1, 2)]
+    assert all(r["onnxruntime"]["items_per_s"] > 0 for r in rows)
     runs = {}
     for backend in ("torch", "onnxruntime"):
         out = tmp_path / backend

@@ -159,6 +159,17 @@ def test_generate_writes_masked_pairs_from_a_family_folder(folders, tmp_path, fa
         assert labels.shape == (64, 64)
         assert meta["mask_source"] == "attention" and set(np.unique(labels)) <= {0, 1, 2, 255}
         assert "counterfactual" in meta["masks"] and len(meta["masks"]["classes"]) == len(meta["classes"])
+    # `masks` annotates the run again from its stored maps, whatever the family drew it.
+    again = tmp_path / "again"
+    result = invoke("masks", "--data", out, "--out", again, "--no-sam", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    redone = {s["__key__"]: s for s in iter_samples(again)}
+    assert redone.keys() == {s["__key__"] for s in samples}
+    for sample in samples:
+        a, b = (np.asarray(Image.open(io.BytesIO(s["mask.png"]))) for s in (sample, redone[sample["__key__"]]))
+        # The same maps, stored in float16: the same masks but for pixels at the threshold (random
+        # weights give flat maps, so a few percent of them).
+        assert a.any() and (a == b).mean() > 0.9, (a == b).mean()
 
 
 def _sd3_like(root):

@@ -927,6 +927,16 @@ def report(
 bench_app = typer.Typer(no_args_is_help=True, help="Measure this engine against a baseline in the same run.")
 app.add_typer(bench_app, name="bench")
 
+# Options every suite benchmark takes.
+BenchPreset = Annotated[str, typer.Option("--preset", help="tiny (CPU), or sd15-random, sd21-random, sdxl-random (GPU).")]
+BenchReps = Annotated[int, typer.Option("--reps", help="Timed repetitions (median reported).")]
+BenchWarmup = Annotated[int, typer.Option("--warmup", help="Untimed repetitions first.")]
+BenchDevice = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+BenchJson = Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")]
+BenchPairs = Annotated[int, typer.Option("--pairs", help="Pairs per timed repetition (generate; masks and sam use up to 4).")]
+BenchBatch = Annotated[int, typer.Option("--batch-size", help="Engine pairs per UNet call.")]
+BenchModel = Annotated[Optional[str], typer.Option("--model", help="Diffusers folder or hub id (presets sd15, sd21, sdxl).")]
+
 
 @bench_app.command("generate")
 @reports_usage_errors
@@ -940,6 +950,7 @@ def bench_generate_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, float16 or bfloat16.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+    model: BenchModel = None,
 ) -> None:
     """Pairs/s of the paired sampler against a batch-1 reference-style loop, same models."""
     from magicseg_engine.bench.generate import bench_generate
@@ -951,7 +962,7 @@ def bench_generate_command(
     if min(pairs, batch_size, reps) <= 0 or warmup < 0:
         raise UsageError("--pairs, --batch-size and --reps must be positive, --warmup not negative")
     device = _resolve_device(device)
-    config = load_preset(preset, {"diffusion": {"steps": steps, "dtype": dtype}})
+    config = load_preset(preset, {"diffusion": {"steps": steps, "dtype": dtype, "model": model}})
     records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=pairs).records
     sampler = build_sampler(config, device)
     stderr.print(f"benchmarking {pairs} pairs on {device}: engine (batch {batch_size}) vs reference loop (batch 1)")
@@ -1035,6 +1046,7 @@ def bench_masks_command(
 def bench_backends_command(
     engines: Annotated[Path, typer.Option("--engines", help="Folder written by build-engines for this preset.")],
     preset: Annotated[str, typer.Option("--preset", help="The preset the engines were built for.")] = "tiny",
+    model: BenchModel = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of random weights, as given to build-engines.")] = 0,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,2,4",
     reps: Annotated[int, typer.Option("--reps", help="Timed repetitions (median reported).")] = 3,
@@ -1059,7 +1071,7 @@ def bench_backends_command(
         raise UsageError("--reps must be positive, --warmup not negative")
     sizes = parse_batch_sizes(batch_sizes)
     device = _resolve_device(device)
-    config = load_preset(preset, {"seed": seed})
+    config = load_preset(preset, {"seed": seed, "diffusion": {"model": model}})
     models = load_diffusion(config.diffusion, device, resolve_dtype("float32", device), seed=config.seed)
     names = parse_components(components)
     if any(c not in DIFFUSION_COMPONENTS for c in names):
@@ -1101,16 +1113,6 @@ def bench_pretrain_command(
                  + f"; step: eager {1e3 * step['eager']['median_s']:.1f} ms"
                  + (f", fused {1e3 * step['fused']['median_s']:.1f} ms" if "median_s" in step["fused"] else ""),
                  highlight=False)
-
-
-# Options every suite benchmark takes.
-BenchPreset = Annotated[str, typer.Option("--preset", help="tiny (CPU) or sd15-random (GPU).")]
-BenchReps = Annotated[int, typer.Option("--reps", help="Timed repetitions (median reported).")]
-BenchWarmup = Annotated[int, typer.Option("--warmup", help="Untimed repetitions first.")]
-BenchDevice = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-BenchJson = Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")]
-BenchPairs = Annotated[int, typer.Option("--pairs", help="Pairs per timed repetition (generate; masks and sam use up to 4).")]
-BenchBatch = Annotated[int, typer.Option("--batch-size", help="Engine pairs per UNet call.")]
 
 
 @bench_app.command("quality")
@@ -1281,14 +1283,15 @@ def _print_quality(result: dict) -> None:
                      f"power {best['self_attention_power']}", highlight=False)
 
 
-def _bench_context(preset: str, device: str, warmup: int, reps: int, pairs: int = 8, batch_size: int = 8):
+def _bench_context(preset: str, device: str, warmup: int, reps: int, pairs: int = 8, batch_size: int = 8,
+                   model: str | None = None):
     import torch
 
     from magicseg_engine.bench.suite import BenchContext
 
     if min(reps, pairs, batch_size) <= 0 or warmup < 0:
         raise UsageError("--reps, --pairs and --batch-size must be positive, --warmup not negative")
-    return BenchContext(preset, torch.device(_resolve_device(device)), warmup, reps, pairs, batch_size)
+    return BenchContext(preset, torch.device(_resolve_device(device)), warmup, reps, pairs, batch_size, model=model)
 
 
 def _write_bench_json(result: dict, json_out: Path | None) -> None:
@@ -1318,11 +1321,11 @@ def _headline_table(rows: list[dict], title: str) -> Table:
 def _suite_command(name: str, doc: str):
     def command(
         preset: BenchPreset = "tiny", reps: BenchReps = 3, warmup: BenchWarmup = 1, device: BenchDevice = "auto",
-        pairs: BenchPairs = 8, batch_size: BenchBatch = 8, json_out: BenchJson = None,
+        pairs: BenchPairs = 8, batch_size: BenchBatch = 8, json_out: BenchJson = None, model: BenchModel = None,
     ) -> None:
         from magicseg_engine.bench.suite import run_bench
 
-        ctx = _bench_context(preset, device, warmup, reps, pairs, batch_size)
+        ctx = _bench_context(preset, device, warmup, reps, pairs, batch_size, model)
         stderr.print(f"bench {name} ({preset}) on {ctx.device}", highlight=False)
         result = run_bench(name, ctx)
         _write_bench_json(result, json_out)
@@ -1345,12 +1348,12 @@ _suite_command("train", "Time and peak memory of one training step, fused agains
 @reports_usage_errors
 def bench_all_command(
     preset: BenchPreset = "tiny", reps: BenchReps = 3, warmup: BenchWarmup = 1, device: BenchDevice = "auto",
-    pairs: BenchPairs = 8, batch_size: BenchBatch = 8, json_out: BenchJson = None,
+    pairs: BenchPairs = 8, batch_size: BenchBatch = 8, json_out: BenchJson = None, model: BenchModel = None,
 ) -> None:
     """Every benchmark in one run: generate, unet, pipeline, masks, sam, losses, loader, train, with a summary."""
     from magicseg_engine.bench.suite import BENCHES, run_all
 
-    ctx = _bench_context(preset, device, warmup, reps, pairs, batch_size)
+    ctx = _bench_context(preset, device, warmup, reps, pairs, batch_size, model)
     with progress_bar() as bar:
         task = bar.add_task(f"bench all ({preset})", total=len(BENCHES), unit="benches")
         result = run_all(ctx, on_result=lambda name, _: bar.advance(task))
@@ -1368,6 +1371,7 @@ def bench_tune_command(
     reference_pairs: Annotated[int, typer.Option("--reference-pairs", help="Pairs the reference pipeline renders per repetition.")] = 4,
     encode_workers: Annotated[int, typer.Option("--encode-workers", help="Threads that JPEG-encode images.")] = 4,
     json_out: BenchJson = None,
+    model: BenchModel = None,
 ) -> None:
     """Sweep backend, precision, memory layout, attention kernel and batch size end to end with masks, against the reference pipeline."""
     import torch
@@ -1386,12 +1390,12 @@ def bench_tune_command(
                          "--warmup not negative")
     dev = torch.device(_resolve_device(device))
     chosen = parse_variants(variants, dev) if variants is not None else default_variants(dev)
-    config = load_preset(preset)
+    config = load_preset(preset, {"diffusion": {"model": model}})
     records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=max(pairs, reference_pairs)).records
     with progress_bar() as bar:
         task = bar.add_task(f"bench tune ({preset})", total=len(chosen) + 1, unit="variants")
         result = bench_tune(preset, dev, chosen, records[:pairs], records[:reference_pairs], sizes, encode_workers,
-                            warmup, reps, seed=config.seed, on_step=lambda _: bar.advance(task))
+                            warmup, reps, seed=config.seed, on_step=lambda _: bar.advance(task), model=model)
     result["headline"] = headline("tune", result)
     _write_bench_json(result, json_out)
     table = Table(title=f"bench tune: {preset} on {dev}")

@@ -59,8 +59,12 @@ def bench_backends(models, engines: Path, components: Sequence[str] = DIFFUSION_
     for component in components:
         e = exported[component]
         run = {b: _callables(b, component, models, engines, e, device) for b in backends}
+        # Spatial sizes are fixed at export (build-engines --size): the inputs take the file's.
+        spatial = {"unet": "sample", "vae-decoder": "latents"}.get(component)
+        latent_size = tuple(e.input_shapes[spatial][2:]) if spatial else None
         for batch in batch_sizes:
-            inputs = {n: t.to(device) for n, t in sample_inputs(component, models, batch=batch).items()
+            inputs = {n: t.to(device) for n, t in sample_inputs(component, models, batch=batch,
+                                                                 latent_size=latent_size).items()
                       if n in e.input_names}
             row: dict = {"component": component, "batch": batch}
             for backend, fn in run.items():

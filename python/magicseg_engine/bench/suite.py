@@ -27,13 +27,15 @@ class BenchContext:
     reps: int = 3
     pairs: int = 8
     batch_size: int = 8
+    # The diffusers folder or hub id of presets that load one (sd15, sd21, sdxl).
+    model: str | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @cached_property
     def config(self):
         from magicseg_engine.config import load_preset
 
-        return load_preset(self.preset)
+        return load_preset(self.preset, {"diffusion": {"model": self.model}})
 
     @cached_property
     def sampler(self):

@@ -123,11 +123,11 @@ def _release(device: torch.device) -> None:
     torch._dynamo.reset()  # compiled graphs hold references to the modules they were made from
 
 
-def _build(preset: str, device: torch.device, variant: Variant, seed: int):
+def _build(preset: str, device: torch.device, variant: Variant, seed: int, model: str | None):
     from magicseg_engine.config import load_preset
     from magicseg_engine.pipeline import build_mask_stage, build_sampler
 
-    config = load_preset(preset, {"seed": seed, "diffusion": {"dtype": variant.dtype}})
+    config = load_preset(preset, {"seed": seed, "diffusion": {"dtype": variant.dtype, "model": model}})
     sampler = build_sampler(config, str(device), variant.backend, channels_last=variant.channels_last,
                             attention=variant.attention)
     return config, sampler, build_mask_stage(config, sampler)
@@ -135,8 +135,8 @@ def _build(preset: str, device: torch.device, variant: Variant, seed: int):
 
 def _measure_variant(preset: str, device: torch.device, variant: Variant, records: Sequence, seed: int,
                      batch_sizes: Sequence[int], encode_workers: int, warmup: int, reps: int,
-                     fresh: Callable[[], Path], peak_tflops: float | None) -> dict:
-    config, sampler, masks = _build(preset, device, variant, seed)
+                     fresh: Callable[[], Path], peak_tflops: float | None, model: str | None) -> dict:
+    config, sampler, masks = _build(preset, device, variant, seed, model)
     flops = unet_flops_per_row(sampler)
     rows = 4 * max(batch_sizes)
     if device.type == "cuda":
@@ -161,13 +161,13 @@ def _describe(variant: Variant) -> dict:
 
 
 def _measure_reference(preset: str, device: torch.device, records: Sequence, seed: int, warmup: int, reps: int,
-                       fresh: Callable[[], Path]) -> dict:
+                       fresh: Callable[[], Path], model: str | None) -> dict:
     from magicseg_engine.config import load_preset
 
     dtype = load_preset(preset).diffusion.dtype if device.type == "cuda" else "float32"
     # The reference ran eager torch on NCHW weights.
     variant = Variant("torch", dtype, channels_last=False)
-    config, sampler, masks = _build(preset, device, variant, seed)
+    config, sampler, masks = _build(preset, device, variant, seed, model)
     detector = reference_detector(config, device)
     timing = timed(lambda rep: reference_pipeline(sampler, detector, masks.annotator.refiner, records,
                                                   fresh().with_suffix(".tar")), device, reps, warmup)
@@ -177,8 +177,10 @@ def _measure_reference(preset: str, device: torch.device, records: Sequence, see
 def bench_tune(preset: str, device: torch.device, variants: Sequence[Variant], records: Sequence,
                reference_records: Sequence, batch_sizes: Sequence[int] = (4, 8, 16), encode_workers: int = 4,
                warmup: int = 1, reps: int = 3, seed: int = 0,
-               on_step: Callable[[str], None] | None = None) -> dict:
+               on_step: Callable[[str], None] | None = None, model: str | None = None) -> dict:
     """Every variant at every batch size, and the reference once; see the module docstring.
+
+    `model` is the diffusers folder or hub id of presets that load one (sd15, sd21, sdxl).
 
     `records` are the pairs each engine repetition renders, `reference_records` those of the
     reference (a few are enough: it is timed per pair). `on_step(label)` follows each part.
@@ -191,14 +193,14 @@ def bench_tune(preset: str, device: torch.device, variants: Sequence[Variant], r
         fresh = lambda: next(runs)  # noqa: E731
         # Each part's models are dropped when its function returns, then freed before the next
         # part builds its own, so every peak belongs to one part.
-        reference = _measure_reference(preset, device, reference_records, seed, warmup, reps, fresh)
+        reference = _measure_reference(preset, device, reference_records, seed, warmup, reps, fresh, model)
         _release(device)
         if on_step:
             on_step("reference")
         for variant in variants:
             try:
                 measured.append(_measure_variant(preset, device, variant, records, seed, batch_sizes,
-                                                 encode_workers, warmup, reps, fresh, peak))
+                                                 encode_workers, warmup, reps, fresh, peak, model))
             except Exception as err:  # one variant's failure must not cost the rest of a long sweep
                 first_line = (str(err).strip().splitlines() or [""])[0]
                 log.warning("variant %s failed: %s: %s", variant.name, type(err).__name__, first_line)
@@ -220,6 +222,7 @@ def bench_tune(preset: str, device: torch.device, variants: Sequence[Variant], r
         "benchmark": "tune",
         **environment(device),
         "preset": preset,
+        "model": model,
         "settings": {"pairs": len(records), "reference_pairs": len(reference_records), "batch_sizes": batch_sizes,
                      "encode_workers": encode_workers, "warmup": warmup, "reps": reps, "seed": seed},
         "sdpa": sdpa_backends(),
