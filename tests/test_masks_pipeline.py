@@ -64,9 +64,42 @@ def test_mask_source_none_writes_no_masks(tmp_path):
     for s in samples(out).values():
         assert "mask.png" not in s and "attn.npy" not in s
         assert json.loads(s["json"])["mask_source"] == "none"
-    result = invoke("masks", "--data", out, "--out", tmp_path / "again")
-    assert result.exit_code == 2 and "holds no attention maps" in result.stderr
+    for source in ("attention", "attention+detector"):  # the routes that read the maps are refused
+        result = invoke("masks", "--data", out, "--out", tmp_path / "again", "--mask-source", source)
+        assert result.exit_code == 2 and "holds no attention maps" in result.stderr
+        assert f"--mask-source {source} reads" in result.stderr and "use --mask-source detector" in result.stderr
     assert not (tmp_path / "again").exists()
+
+
+def test_a_run_without_masks_is_annotated_later_by_the_detector(tmp_path):
+    """The fast first pass (--mask-source none), then masks from the images alone: detector
+    boxes (SAM off, so each mask is its box), and the counterfactual check made by the detector
+    on the negative image: the coverage is the share of the mask the negative's box covers."""
+    from magicseg_engine.masks.annotate import box_masks
+    from magicseg_engine.masks.detector import build_detector
+
+    out = tmp_path / "run"
+    result = invoke("generate", "--classes", "voc", "--num-pairs", 3, "--max-classes", 1, "--out", out,
+                    "--mask-source", "none", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    again = tmp_path / "again"
+    result = invoke("masks", "--data", out, "--out", again, "--mask-source", "detector", "--no-sam",
+                    "--box-threshold", 0.0, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    detector = build_detector("tiny", box_threshold=0.0)
+    got = samples(again)
+    assert got.keys() == samples(out).keys()
+    for s in got.values():
+        meta = json.loads(s["json"])
+        assert meta["mask_source"] == "detector" and "attn.npy" not in s
+        (c,) = meta["masks"]["classes"]
+        mask = np.asarray(Image.open(io.BytesIO(s["mask.png"]))) == 1
+        x0, y0, x1, y1 = c["box"]
+        assert c["found"] and mask.sum() == c["area"] == (x1 - x0) * (y1 - y0)
+        negative = np.asarray(Image.open(io.BytesIO(s["neg.jpg"])).convert("RGB"))[None]
+        boxes = detector(negative, [tuple(meta["classes"])]).boxes
+        expected = (box_masks(boxes, mask.shape)[0, 0].numpy() & mask).sum() / mask.sum()
+        assert c["counterfactual_coverage"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_failed_pairs_are_dropped_counted_and_not_redone(tmp_path):

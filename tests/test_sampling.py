@@ -1,7 +1,7 @@
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from magicseg_engine.prompts.sampling import sample_class_combos
@@ -51,3 +51,37 @@ def test_invalid_arguments():
         sample_class_combos([], 3)
     with pytest.raises(ValueError):
         sample_class_combos(CLASSES, -1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(weights=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, 7.0]), min_size=1, max_size=12).filter(any),
+       num=st.integers(1, 400), k=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_weighted_draws_follow_the_weights_at_every_prefix(weights, num, k, seed):
+    # A class is drawn at most once per sample: a share above 1/k could not be met.
+    assume(max(weights) / sum(weights) * k <= 1)
+    classes = [f"c{i}" for i in range(len(weights))]
+    combos = sample_class_combos(classes, num, k, seed, weights=weights)
+    assert combos == sample_class_combos(classes, num, k, seed, weights=weights)
+    positive = [c for c, w in zip(classes, weights) if w > 0]
+    counts = Counter()
+    for combo in combos:
+        assert 1 <= len(combo) <= min(k, len(positive)) and len(set(combo)) == len(combo)
+        counts.update(combo)
+    assert set(counts) <= set(positive)  # weight 0: never drawn
+    draws, total = sum(counts.values()), sum(weights)
+    for c, w in zip(classes, weights):
+        # Each class within a few draws of its share, however the 1- and k-class samples mix.
+        assert abs(counts[c] - draws * w / total) <= k + 2, (c, counts[c], draws * w / total)
+
+
+def test_weights_shift_the_counts_but_not_the_unweighted_deck():
+    equal = sample_class_combos(CLASSES, 300, 2, 0, weights=[1.0] * len(CLASSES))
+    counts = Counter(c for combo in equal for c in combo)
+    assert max(counts.values()) - min(counts.values()) <= 3
+    doubled = Counter(c for combo in sample_class_combos(CLASSES, 3000, 1, 0, weights=[2.0] + [1.0] * 36)
+                      for c in combo)
+    assert doubled["class0"] == pytest.approx(2 * 3000 / 38, abs=2)
+    with pytest.raises(ValueError):
+        sample_class_combos(CLASSES, 3, weights=[1.0])
+    with pytest.raises(ValueError):
+        sample_class_combos(CLASSES[:2], 3, weights=[0.0, 0.0])

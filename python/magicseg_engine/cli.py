@@ -515,12 +515,14 @@ def masks(
         raise UsageError(f"{data} holds no run (no {RUN_FILE}); pass a directory written by generate")
     device = _resolve_device(device)
     saved = json.loads((data / RUN_FILE).read_text(encoding="utf-8"))["config"]
-    if saved.get("masks", {}).get("source") == "none":
-        raise UsageError(f"{data} was generated with --mask-source none and holds no attention maps; "
-                         "generate it again with masks on")
+    wanted = mask_source.value if mask_source else "attention"
+    if saved.get("masks", {}).get("source") == "none" and wanted != "detector":
+        raise UsageError(f"{data} was generated with --mask-source none and holds no attention maps, which "
+                         f"--mask-source {wanted} reads; use --mask-source detector (it needs only the images), "
+                         "or generate it again with masks on")
     overrides = {
         "sam": {"model_type": sam_model, "checkpoint": sam_checkpoint},
-        "masks": {"source": mask_source.value if mask_source else "attention",
+        "masks": {"source": wanted,
                   "refine_with_sam": False if no_sam else None,
                   "threshold": _parse_threshold(mask_threshold),
                   "max_counterfactual_coverage": max_counterfactual_coverage,

@@ -215,7 +215,8 @@ class PairWriter:
         if note is not None:
             self.counts["classes_not_found"] += sum(not c["found"] for c in note.classes)
             meta = {**meta, "masks": note.metadata()}
-            files["attn.npy"] = attention if attention is not None else encode_attention(note.maps)
+            if attention is not None or note.maps is not None:
+                files["attn.npy"] = attention if attention is not None else encode_attention(note.maps)
             files["mask.png"] = encode_png(note.label_map)
             if not note.counterfactual["passed"]:
                 if self.drop_failed:
@@ -523,7 +524,11 @@ def _stack_maps(maps: list[torch.Tensor]) -> torch.Tensor:
 def reannotate_run(source: Path, out: Path, config: RunConfig, annotator: MaskAnnotator,
                    options: ExecutionOptions, progress: Callable[[int, int], None] | None = None) -> GenerationSummary:
     """Write `source`'s finished pairs into `out` with new masks, reusing their images and the
-    attention maps stored at generation time; pairs `out` already holds are skipped."""
+    attention maps stored at generation time; pairs `out` already holds are skipped.
+
+    Pairs without maps (generated with --mask-source none) take the detector route alone,
+    which reads the images only; the attention routes refuse them.
+    """
     start = time.perf_counter()
     total = len(finished_keys(source))
     done = finished_keys(out) | dropped_keys(out)
@@ -537,12 +542,16 @@ def reannotate_run(source: Path, out: Path, config: RunConfig, annotator: MaskAn
             metas = [json.loads(s["json"]) for s in batch]
             classes = [tuple(m["classes"]) for m in metas]
             positives = np.stack([_decode_rgb(s["pos.jpg"]) for s in batch])
-            maps = _stack_maps([decode_attention(s["attn.npy"]) for s in batch]).to(options.device)
-            notes = annotator(positives, maps, classes)
+            if all("attn.npy" in s for s in batch):
+                maps = _stack_maps([decode_attention(s["attn.npy"]) for s in batch]).to(options.device)
+                notes = annotator(positives, maps, classes)
+            else:
+                negatives = np.stack([_decode_rgb(s["neg.jpg"]) for s in batch])
+                notes = annotator(positives, None, classes, negatives=negatives)
             for sample, meta, note in zip(batch, metas, notes):
                 meta["mask_source"] = mask_source(config)
                 pair_writer.write(sample["__key__"], meta, sample["pos.jpg"], sample["neg.jpg"], note,
-                                  attention=sample["attn.npy"])
+                                  attention=sample.get("attn.npy"))
             if progress:
                 progress(len(batch), total)
 
@@ -554,9 +563,10 @@ def reannotate_run(source: Path, out: Path, config: RunConfig, annotator: MaskAn
             for needed in ("pos.jpg", "neg.jpg", "json"):
                 if needed not in sample:
                     raise UsageError(f"{source}: sample {key} has no {needed}; this is not a run written by generate")
-            if "attn.npy" not in sample:
-                raise UsageError(f"{source}: sample {key} holds no attention maps (generated with --mask-source none); "
-                                 "generate it again with masks on")
+            if "attn.npy" not in sample and config.masks.source != "detector":
+                raise UsageError(f"{source}: sample {key} holds no attention maps (generated with --mask-source none), "
+                                 f"which --mask-source {config.masks.source} reads; use --mask-source detector, "
+                                 "which needs only the images, or generate it again with masks on")
             batch.append(sample)
             if len(batch) == options.batch_size:
                 annotate(batch)

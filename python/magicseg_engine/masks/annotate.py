@@ -111,15 +111,28 @@ class MaskAnnotator:
         self.detector = detector if "detector" in config.source else None
         self.use_triton = use_triton
 
-    def __call__(self, positives: np.ndarray, maps: torch.Tensor, classes: list[tuple[str, ...]]) -> list[PairAnnotation]:
-        """`positives` [B, H, W, 3] uint8, `maps` [B, 2, C, h, w] from AttentionCapture.maps()."""
-        return self.finish(self.on_device(positives, maps, classes))
+    def __call__(self, positives: np.ndarray, maps: torch.Tensor | None, classes: list[tuple[str, ...]],
+                 negatives: np.ndarray | None = None) -> list[PairAnnotation]:
+        """`positives` [B, H, W, 3] uint8, `maps` [B, 2, C, h, w] from AttentionCapture.maps().
 
-    def on_device(self, positives: np.ndarray, maps: torch.Tensor, classes: list[tuple[str, ...]]) -> DeviceAnnotations:
+        Without maps (a run generated with --mask-source none), the detector route alone can
+        annotate: it needs `negatives` [B, H, W, 3], on which the detector makes the
+        counterfactual check that the negative's attention makes otherwise.
+        """
+        return self.finish(self.on_device(positives, maps, classes, negatives))
+
+    def on_device(self, positives: np.ndarray, maps: torch.Tensor | None, classes: list[tuple[str, ...]],
+                  negatives: np.ndarray | None = None) -> DeviceAnnotations:
         """The device half: masks, prompts, detector, SAM, scores and the counterfactual's
         comparison, on the maps' (and models') device; returns them on the CPU for `finish`."""
         cfg = self.config
         H, W = positives.shape[1:3]
+        without_maps = maps is None
+        if without_maps:
+            if cfg.source != "detector" or negatives is None:
+                raise ValueError("annotating without attention maps needs the detector route and the negatives")
+            # No attention: every class is invalid until the detector finds it.
+            maps = torch.zeros(len(positives), 2, max(map(len, classes), default=1), 8, 8, device=self._device())
         valid = class_validity(maps, classes).to(maps.device)
         pos_maps = maps[:, 0].float()
         extracted = extract_masks(pos_maps, valid, (H, W), cfg.threshold, cfg.positive_points,
@@ -143,12 +156,24 @@ class MaskAnnotator:
         else:
             scores = attention_scores(pos_maps, masks).cpu()
             agreement = torch.ones_like(scores)
-        # The float work of the coverage stays here, on the maps' device; `finish` only counts.
-        above = counterfactual_above(maps, extracted.thresholds, (H, W)).cpu()
+        if without_maps:
+            # Where the detector still finds each class in the negative: its boxes stand in for
+            # the negative's attention above threshold.
+            absent = self.detector(negatives, classes)
+            above = box_masks(absent.boxes, (H, W))
+        else:
+            # The float work of the coverage stays here, on the maps' device; `finish` only counts.
+            above = counterfactual_above(maps, extracted.thresholds, (H, W)).cpu()
         return DeviceAnnotations(
             classes=list(classes), masks=masks.cpu().numpy(), scores=scores, agreement=agreement,
             valid=valid.cpu(), above=above,
             detector_scores=detections.scores.cpu() if detections is not None else None)
+
+    def _device(self) -> torch.device:
+        """Where the models run: SAM's device, else the CPU (the detector moves its inputs itself)."""
+        if self.refiner is not None:
+            return next(self.refiner.sam.parameters()).device
+        return torch.device("cpu")
 
     def finish(self, part: DeviceAnnotations) -> list[PairAnnotation]:
         """The host half: C++ clean-up and merge, boxes, areas, coverage and the per-pair records.

@@ -70,7 +70,7 @@ def build_prompts(
         raise UsageError(f"--source {config.source} needs --classes (a vocabulary name or class file)")
     if num is None:
         raise UsageError(f"--source {config.source} needs --num, the number of prompts to write")
-    combos = sample_class_combos(vocab.classes, num, config.max_classes_per_sample, config.seed)
+    combos = sample_class_combos(vocab.classes, num, config.max_classes_per_sample, config.seed, vocab.weights)
     stats = None
     if config.source == "world":
         from magicseg_engine.world.prompts import describe_world
