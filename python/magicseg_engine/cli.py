@@ -330,6 +330,7 @@ def generate(
                   "box_threshold": box_threshold, "text_threshold": text_threshold},
     })
     records = None
+    vocab = None
     if prompts_file is not None or classes is not None:
         if prompts_file is None and num_pairs is None:
             raise UsageError("--classes needs --num-pairs, the number of pairs to render")
@@ -342,13 +343,13 @@ def generate(
                                encode_workers=encode_workers, channels_last=channels_last, attention=attention.value)
     if use_ray:
         _generate_on_ray(out, config, plan, ray_address, ray_timeout, workers, num_gpus_per_worker,
-                         cpus_per_worker, options, backend, engines)
+                         cpus_per_worker, options, backend, engines, vocab.classes if vocab else None)
         return
     # Models load before the run directory is touched, so a bad --model leaves nothing behind.
     sampler = build_sampler(config, device, backend, engines, options.channels_last, options.attention)
     masks = build_mask_stage(config, sampler, engines)
     if plan.fresh:
-        start_run(out, config, plan.records)
+        start_run(out, config, plan.records, vocab.classes if vocab else None)
     records = plan.records
 
     with progress_bar(transient=False) as bar:
@@ -381,7 +382,7 @@ def _check_ray_flags(device: str) -> None:
 
 def _generate_on_ray(out: Path, config, plan, address: Optional[str], timeout_s: Optional[float],
                      workers: Optional[int], gpus_per_worker: Optional[float], cpus_per_worker: Optional[int],
-                     execution, backend: str, engines: Optional[Path]) -> None:
+                     execution, backend: str, engines: Optional[Path], vocabulary=None) -> None:
     """`generate --ray`: the same run directory, rendered by a pool of Ray workers."""
     import torch
 
@@ -403,7 +404,7 @@ def _generate_on_ray(out: Path, config, plan, address: Optional[str], timeout_s:
         worker_device = torch.device("cuda" if gpus_per_worker > 0 else "cpu")
         model_id = model_identity(config.diffusion, worker_device, seed=config.seed)
         if plan.fresh:
-            start_run(out, config, plan.records)
+            start_run(out, config, plan.records, vocabulary)
         options = RayOptions(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                              execution=execution, backend=backend, engines=engines)
         where = f"{resources.nodes} node{'s' if resources.nodes != 1 else ''}"
@@ -514,7 +515,8 @@ def masks(
     if not (data / RUN_FILE).exists():
         raise UsageError(f"{data} holds no run (no {RUN_FILE}); pass a directory written by generate")
     device = _resolve_device(device)
-    saved = json.loads((data / RUN_FILE).read_text(encoding="utf-8"))["config"]
+    source_run = json.loads((data / RUN_FILE).read_text(encoding="utf-8"))
+    saved = source_run["config"]
     wanted = mask_source.value if mask_source else "attention"
     if saved.get("masks", {}).get("source") == "none" and wanted != "detector":
         raise UsageError(f"{data} was generated with --mask-source none and holds no attention maps, which "
@@ -533,7 +535,7 @@ def masks(
     plan = open_run(out, config, read_records(data / PROMPTS_FILE), resume, overwrite)
     annotator = build_annotator(config, device, resolve_dtype(config.diffusion.dtype, device), backend, engines)
     if plan.fresh:
-        start_run(out, config, plan.records)
+        start_run(out, config, plan.records, source_run.get("vocabulary"))
     options = ExecutionOptions(device=device, batch_size=batch_size)
     with progress_bar(transient=False) as bar:
         advance = resumable_progress(bar, "masks", "pairs")
@@ -773,6 +775,7 @@ class EvalDatasetName(str, Enum):
     context = "context"
     coco_stuff = "coco-stuff"
     coco_object = "coco-object"
+    mmseg = "mmseg"
 
 
 @app.command()
@@ -780,7 +783,7 @@ class EvalDatasetName(str, Enum):
 def evaluate(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A pretrain --out folder (its newest checkpoint) or a step-N.pt file.")],
     dataset: Annotated[EvalDatasetName, typer.Option("--dataset", help="Benchmark layout under --root.")],
-    root: Annotated[Path, typer.Option("--root", help="The dataset folder (VOC2012/, VOC2010/ or the COCO-Stuff root).")],
+    root: Annotated[Path, typer.Option("--root", help="The dataset folder (VOC2012/, VOC2010/, the COCO-Stuff root, or an mmseg export).")],
     split: Annotated[str, typer.Option("--split", help="Split to score.")] = "val",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Where to save the results (default: eval/ beside the checkpoints).")] = None,
     classes: Annotated[Optional[Path], typer.Option("--classes", help="Class file (one per line, label order) replacing the dataset's names.")] = None,
@@ -925,6 +928,33 @@ def report(
                  f"classes: {len(digest.classes)}{skipped}{waiting}. Report: {summary.out}",
                  highlight=False, soft_wrap=True)
 
+
+
+class ExportFormat(str, Enum):
+    coco = "coco"
+    mmseg = "mmseg"
+    hf = "hf"
+
+
+@app.command("export")
+@reports_usage_errors
+def export_command(
+    data: Annotated[Path, typer.Option("--data", help="A run directory written by generate or masks.")],
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="coco (instances JSON, RLE masks), mmseg (img_dir/ann_dir) or hf (datasets, Parquet).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the export (new, empty, or an export of the same kind to resume).")],
+    partial: Annotated[bool, typer.Option("--partial", help="Export the finished shards of an unfinished run.")] = False,
+    classes: Annotated[Optional[str], typer.Option("--classes", help="Category list (vocabulary name or class file); default: the run's vocabulary.")] = None,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="mmseg: share of pairs in val, chosen by key.")] = 0.05,
+) -> None:
+    """Write a run's pairs as COCO instances, an mmsegmentation dataset or a Hugging Face dataset; resumable."""
+    from magicseg_engine.formats import prepare_export
+
+    job = prepare_export(data, out, fmt.value, partial=partial, classes=classes, val_fraction=val_fraction)
+    with progress_bar(transient=False) as bar:
+        summary = job.run(progress=resumable_progress(bar, f"export ({fmt.value})", "shards"))
+    totals = ", ".join(f"{k} {v}" for k, v in summary.totals.items())
+    stderr.print(f"{summary.shards_new} shards exported, {summary.shards - summary.shards_new} were already there; "
+                 f"{totals}. Export: {summary.out}", highlight=False, soft_wrap=True)
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure this engine against a baseline in the same run.")
 app.add_typer(bench_app, name="bench")

@@ -137,8 +137,13 @@ def open_run(out: Path, config: RunConfig, records: Sequence[PromptRecord] | Non
     return RunPlan(list(records), fresh=True)
 
 
-def start_run(out: Path, config: RunConfig, records: Sequence[PromptRecord]) -> None:
-    """Initialise `out` for a new run, removing the files of a run it held before."""
+def start_run(out: Path, config: RunConfig, records: Sequence[PromptRecord],
+              vocabulary: Sequence[str] | None = None) -> None:
+    """Initialise `out` for a new run, removing the files of a run it held before.
+
+    `vocabulary` (the class list the prompts drew from, in its label order) is kept in run.json,
+    so that exports number categories the same way in every run of that vocabulary.
+    """
     check_writable_dir(out)
     for name in (SHARDS_DIR, ".locks"):
         shutil.rmtree(out / name, ignore_errors=True)
@@ -146,8 +151,10 @@ def start_run(out: Path, config: RunConfig, records: Sequence[PromptRecord]) -> 
         (out / name).unlink(missing_ok=True)
     write_records(out / PROMPTS_FILE, records)
     # run.json last: its presence is what marks the directory as holding a run.
-    atomic_write_text(out / RUN_FILE, json.dumps({"config": _comparable(config), "versions": library_versions()},
-                                                 indent=2, sort_keys=True) + "\n")
+    saved = {"config": _comparable(config), "versions": library_versions()}
+    if vocabulary is not None:
+        saved["vocabulary"] = list(vocabulary)
+    atomic_write_text(out / RUN_FILE, json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def record_summary(out: Path, summary: GenerationSummary, extra: dict) -> None:

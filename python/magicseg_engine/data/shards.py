@@ -701,6 +701,13 @@ def shard_paths(run_dir: Path | str, *, verify: bool = True) -> list[Path]:
     return [state.run_dir / SHARDS_DIR / s.name for s in state.shards]
 
 
+def iter_shard(path: Path | str) -> Iterator[dict]:
+    """The samples of one shard file, as `iter_samples` gives them."""
+    import webdataset as wds
+
+    yield from wds.WebDataset([str(path)], shardshuffle=False, empty_check=False)
+
+
 def iter_samples(run_dir: Path | str, *, verify: bool = True) -> Iterator[dict]:
     """Samples of the finished shards, in manifest order, read with WebDataset.
 

@@ -11,6 +11,10 @@ counts. The layouts are those of the usual conversion scripts:
 | context     | JPEGImages/, SegmentationClassContext/, ImageSets/SegmentationContext/{split}.txt | 0 unlabelled (ignored), 1..59 |
 | coco-stuff  | images/{split}2017/*.jpg, annotations/{split}2017/*_labelTrainIds.png | 0..170, 255 unlabelled   |
 | coco-object | images/{split}2017/*.jpg, annotations/{split}2017/*_instanceTrainIds.png | 0 background, 1..80, 255 |
+| mmseg       | img_dir/{split}/*.jpg, ann_dir/{split}/*.png, classes.txt (background first) | 0 background, 1..N, 255 |
+
+`mmseg` is the ADE20K-style layout of mmsegmentation's custom datasets, as `magicseg-engine
+export --format mmseg` writes it; its class names come from its `classes.txt`.
 
 VOC and COCO-Object score background as a class (the model predicts it by a threshold on its
 top class score); PASCAL Context 59 and COCO-Stuff 171 leave unlabelled pixels out. A root
@@ -38,7 +42,7 @@ class Layout:
 
     name: str
     title: str
-    vocabulary: str  # the shipped class list, in label order
+    vocabulary: str  # the shipped class list, in label order ("" for layouts that carry their own)
     background: bool  # label 0 is background and is scored as class 0
     zero_is_ignored: bool  # label 0 is unlabelled: ignored, and labels shift down by one
     image_dir: str
@@ -48,6 +52,8 @@ class Layout:
     split_file: str | None = None  # a list of ids; None: every image that has a label file
     # Folders under a given root where the layout is also looked for.
     nested: tuple[str, ...] = ()
+    # A file in the root naming the classes in label order, background first (replaces `vocabulary`).
+    class_file: str | None = None
 
     def describe(self, split: str) -> str:
         parts = [self.image_dir.format(split=split) + "/", self.label_dir.format(split=split) + "/"]
@@ -76,6 +82,10 @@ LAYOUTS: dict[str, Layout] = {
         "coco-object", "COCO-Object 80", "coco-object", background=True, zero_is_ignored=False,
         image_dir="images/{split}2017", label_dir="annotations/{split}2017", label_suffix="_instanceTrainIds.png",
         nested=("coco_stuff164k", "coco"),
+    ),
+    "mmseg": Layout(
+        "mmseg", "mmsegmentation (img_dir/ann_dir)", "", background=True, zero_is_ignored=False,
+        image_dir="img_dir/{split}", label_dir="ann_dir/{split}", label_suffix=".png", class_file="classes.txt",
     ),
 }
 
@@ -156,6 +166,14 @@ def find_root(layout: Layout, root: Path, split: str) -> Path:
     raise UsageError(f"--root {root} is not a {layout.title} layout: expected {layout.describe(split)} in it{where}")
 
 
+def _class_file_names(path: Path) -> tuple[str, ...]:
+    """The named classes of a class file whose first line is the background."""
+    if not path.is_file():
+        raise UsageError(f"{path.parent} has no {path.name} (the class names, background first); pass --classes")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return tuple(lines[1:])
+
+
 def _holds_layout(layout: Layout, folder: Path, split: str) -> bool:
     if not (folder / layout.image_dir.format(split=split)).is_dir():
         return False
@@ -197,7 +215,12 @@ def load_dataset(name: str, root: Path | str, split: str = "val", class_names: S
     samples.sort(key=lambda s: s.id)
     if limit is not None:
         samples = samples[:limit]
-    names = tuple(class_names) if class_names is not None else load_vocabulary(layout.vocabulary).classes
+    if class_names is not None:
+        names = tuple(class_names)
+    elif layout.class_file:
+        names = _class_file_names(folder / layout.class_file)
+    else:
+        names = load_vocabulary(layout.vocabulary).classes
     if not names:
         raise UsageError("the class list is empty")
     return EvalDataset(layout, folder, split, tuple(samples), tuple(names))
