@@ -321,3 +321,19 @@ def test_generate_ray_command_writes_a_resumable_run(tmp_path, local_ray):
     result = invoke(*base[:1], *base[6:], "--resume", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "0 pairs generated, 4 were already done" in result.stderr
+
+
+@pytest.mark.slow
+def test_on_ray_the_driver_owns_the_balance_schedule(tmp_path, local_ray):
+    """--balance with --ray: the driver counts, draws the top-up prompts and hands them to the pool."""
+    out = tmp_path / "run"
+    result = invoke("generate", "--ray", "--workers", 1, "--num-gpus-per-worker", 0, "--classes", "voc",
+                    "--num-pairs", 4, "--seed", 2, "--batch-size", 2, "--samples-per-shard", 2, "--out", out,
+                    "--no-sam", "--drop-failed-pairs", "--max-counterfactual-coverage", 0.0, "--balance")
+    assert result.exit_code == 0, result.output
+    balance = json.loads((out / "run.json").read_text())["balance"]
+    records = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert balance["rounds"] and len(records) == 4 + sum(r["pairs"] for r in balance["rounds"]) <= 6
+    dropped = (out / "dropped.jsonl").read_text().splitlines() if (out / "dropped.jsonl").exists() else []
+    assert len(finished_keys(out)) + len(dropped) == len(records)  # the top-ups were rendered on Ray
+    assert balance["short"] and "classes still short" in result.stderr

@@ -286,6 +286,10 @@ def generate(
     num_gpus_per_worker: Annotated[Optional[float], typer.Option("--num-gpus-per-worker", help="GPUs per Ray worker; 0 for CPU workers (default: 1 when the cluster has GPUs, else 0).")] = None,
     cpus_per_worker: Annotated[Optional[int], typer.Option("--cpus-per-worker", help="CPUs per Ray worker (default 1); CPU workers run this many threads.")] = None,
     ray_timeout: Annotated[Optional[float], typer.Option("--ray-timeout", help="Seconds to wait for the Ray head to answer (default 30).")] = None,
+    balance: Annotated[bool, typer.Option("--balance", help="After the requested pairs, render more for the classes left with fewer usable pairs (mask found, counterfactual check passed) than asked.")] = False,
+    balance_tolerance: Annotated[float, typer.Option("--balance-tolerance", help="--balance stops when every class has at least (1 - this) of its requested pairs usable.")] = 0.1,
+    balance_budget: Annotated[float, typer.Option("--balance-budget", help="--balance renders at most this fraction of --num-pairs more, over all rounds.")] = 0.5,
+    balance_rounds: Annotated[int, typer.Option("--balance-rounds", help="--balance tops up at most this many times.")] = 4,
 ) -> None:
     """Render positive/negative image pairs with shared noise, and their masks, into resumable WebDataset shards."""
     from magicseg_engine.config import load_preset
@@ -313,6 +317,8 @@ def generate(
         _check_ray_flags(device)
     elif any(v is not None for v in ray_flags.values()):
         raise UsageError(f"{', '.join(k for k, v in ray_flags.items() if v is not None)}: only with --ray")
+    balancing = _balance_settings(balance, balance_tolerance, balance_budget, balance_rounds, prompts_file,
+                                  mask_source)
     device = _resolve_device(device)
     config = load_preset(preset, {
         "seed": seed,
@@ -339,24 +345,39 @@ def generate(
     elif not resume:
         raise UsageError("say what to render: --classes NAME|FILE with --num-pairs N, or --prompts FILE")
     plan = open_run(out, config, records, resume, overwrite)
+    if not plan.fresh:
+        from magicseg_engine.balance import check_resumable
+        from magicseg_engine.pipeline import RUN_FILE
+
+        check_resumable(json.loads((out / RUN_FILE).read_text(encoding="utf-8")), balancing)
+    if balancing is not None and config.masks.source == "none":
+        raise UsageError("--balance counts the pairs whose class has a mask; it needs masks (drop --mask-source none)")
+    requested = _requested_pairs(out, plan, records)
     options = ExecutionOptions(device=device, batch_size=batch_size, samples_per_shard=samples_per_shard,
                                encode_workers=encode_workers, channels_last=channels_last, attention=attention.value)
     if use_ray:
         _generate_on_ray(out, config, plan, ray_address, ray_timeout, workers, num_gpus_per_worker,
-                         cpus_per_worker, options, backend, engines, vocab.classes if vocab else None)
+                         cpus_per_worker, options, backend, engines, vocab.classes if vocab else None,
+                         balancing, requested)
         return
     # Models load before the run directory is touched, so a bad --model leaves nothing behind.
     sampler = build_sampler(config, device, backend, engines, options.channels_last, options.attention)
     masks = build_mask_stage(config, sampler, engines)
     if plan.fresh:
         start_run(out, config, plan.records, vocab.classes if vocab else None)
-    records = plan.records
+        _start_balance(out, balancing, requested)
+    summaries = []
 
-    with progress_bar(transient=False) as bar:
-        advance = resumable_progress(bar, f"generate ({config.preset})", "pairs")
-        summary = generate_pairs(out, config, records, sampler, options, progress=advance, masks=masks)
-    record_summary(out, summary, {"device": device, "batch_size": batch_size, "backend": backend,
-                                  "channels_last": sampler.models.channels_last, "attention": options.attention})
+    def render(records) -> None:
+        with progress_bar(transient=False) as bar:
+            advance = resumable_progress(bar, f"generate ({config.preset})", "pairs")
+            summary = generate_pairs(out, config, records, sampler, options, progress=advance, masks=masks)
+        record_summary(out, summary, {"device": device, "batch_size": batch_size, "backend": backend,
+                                      "channels_last": sampler.models.channels_last, "attention": options.attention})
+        summaries.append(summary)
+
+    _render_balanced(out, config, plan.records, requested, sampler.models.model_id, balancing, render)
+    summary = _combined(summaries)
     checked = ""
     if masks is not None:
         verb = "dropped" if config.masks.drop_failed_pairs else "flagged"
@@ -368,6 +389,80 @@ def generate(
         f"{summary.generated} pairs generated, {summary.already_done} were already done, "
         f"{summary.pairs_per_second:.2f} pairs/s.{checked} Shards: {out / 'shards'}; "
         f"read them with webdataset or `tar tf`.", highlight=False)
+
+
+def _balance_settings(balance: bool, tolerance: float, budget: float, rounds: int, prompts_file, mask_source):
+    """The --balance settings (None without --balance), checked before anything is read or written."""
+    from magicseg_engine.balance import BalanceSettings
+
+    if not balance:
+        return None
+    if prompts_file is not None:
+        raise UsageError("--balance draws more prompts for the short classes, and a --prompts file has no more; "
+                         "use --classes with --num-pairs")
+    if mask_source is MaskSource.none:
+        raise UsageError("--balance counts the pairs whose class has a mask; it needs masks (drop --mask-source none)")
+    settings = BalanceSettings(tolerance, budget, rounds)
+    settings.check()
+    return settings
+
+
+def _requested_pairs(out: Path, plan, records) -> int:
+    """The pairs the user asked for: the flags' prompts, or on a bare --resume the run's own count."""
+    from magicseg_engine.pipeline import RUN_FILE
+
+    if records is not None:
+        return len(records)
+    saved = json.loads((out / RUN_FILE).read_text(encoding="utf-8")) if (out / RUN_FILE).exists() else {}
+    return int(saved.get("balance", {}).get("requested_pairs", len(plan.records)))
+
+
+def _start_balance(out: Path, balancing, requested: int) -> None:
+    if balancing is not None:
+        from magicseg_engine.balance import start_balance
+
+        start_balance(out, balancing, requested)
+
+
+def _render_balanced(out: Path, config, records, requested: int, model_id: str, balancing, render) -> None:
+    """`render(records)` once, or with --balance round by round until the classes are level."""
+    if balancing is None:
+        render(records)
+        return
+    from magicseg_engine.balance import run_balanced
+    from magicseg_engine.data.shards import sample_key
+
+    def announce(round_index: int, short: dict[str, int], pairs: int) -> None:
+        worst = ", ".join(f"{name} {need}" for name, need in sorted(short.items(), key=lambda kv: -kv[1])[:5])
+        stderr.print(f"balance round {round_index}: {len(short)} classes short of usable pairs ({worst}"
+                     f"{', ...' if len(short) > 5 else ''}); rendering {pairs} more pairs", highlight=False)
+
+    result = run_balanced(out, config.prompts, list(records), requested,
+                          lambda r: sample_key(model_id, r.prompt, r.negative_prompt, r.seed), balancing, render,
+                          on_round=announce)
+    if result.short:
+        table = Table(title=f"classes still short after {result.rounds} balance rounds (+{result.extra_pairs} pairs)")
+        for column in ("class", "target", "usable", "pairs tried", "lost because"):
+            table.add_column(column)
+        for name in sorted(result.short, key=lambda n: -result.short[n]):
+            c = result.counts[name]
+            table.add_row(name, str(c.target), str(c.usable), str(c.attempts), c.short_reason)
+        stderr.print(table)
+    else:
+        stderr.print(f"balance: every class has at least {1 - balancing.tolerance:.0%} of its requested pairs usable "
+                     f"after {result.rounds} top-up rounds (+{result.extra_pairs} pairs)", highlight=False)
+
+
+def _combined(summaries):
+    """One summary of several render calls: the first's already-done count, every call's work."""
+    import dataclasses
+
+    first, last = summaries[0], summaries[-1]
+    if len(summaries) == 1:
+        return first
+    added = {f: sum(getattr(s, f) for s in summaries) for f in ("generated", "seconds", "written", "flagged",
+                                                                  "dropped", "classes_not_found")}
+    return dataclasses.replace(last, already_done=first.already_done, requested=last.requested, **added)
 
 
 def _check_ray_flags(device: str) -> None:
@@ -382,7 +477,8 @@ def _check_ray_flags(device: str) -> None:
 
 def _generate_on_ray(out: Path, config, plan, address: Optional[str], timeout_s: Optional[float],
                      workers: Optional[int], gpus_per_worker: Optional[float], cpus_per_worker: Optional[int],
-                     execution, backend: str, engines: Optional[Path], vocabulary=None) -> None:
+                     execution, backend: str, engines: Optional[Path], vocabulary=None, balancing=None,
+                     requested: int = 0) -> None:
     """`generate --ray`: the same run directory, rendered by a pool of Ray workers."""
     import torch
 
@@ -405,22 +501,29 @@ def _generate_on_ray(out: Path, config, plan, address: Optional[str], timeout_s:
         model_id = model_identity(config.diffusion, worker_device, seed=config.seed)
         if plan.fresh:
             start_run(out, config, plan.records, vocabulary)
+            _start_balance(out, balancing, requested)
         options = RayOptions(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                              execution=execution, backend=backend, engines=engines)
         where = f"{resources.nodes} node{'s' if resources.nodes != 1 else ''}"
         unit = f"{gpus_per_worker:g} GPU" if gpus_per_worker > 0 else f"{cpus_per_worker} CPU"
         stderr.print(f"Ray: {workers} workers × {unit} on {where}; each loads its models before its first shard.",
                      highlight=False)
-        with progress_bar(transient=False) as bar:
-            result = generate_on_ray(out, config, plan.records, model_id, options,
-                                     progress=ClusterProgress(bar, f"generate ({config.preset}, Ray)"))
+        results = []
+
+        def render(records) -> None:
+            with progress_bar(transient=False) as bar:
+                results.append(generate_on_ray(out, config, records, model_id, options,
+                                               progress=ClusterProgress(bar, f"generate ({config.preset}, Ray)")))
+
+        _render_balanced(out, config, plan.records, requested, model_id, balancing, render)
+        result = results[-1]
     except RayRunError as err:
         stderr.print(f"[bold red]error:[/] {escape(str(err))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(code=1) from None
     finally:
         if started:
             shutdown()
-    summary = result.summary
+    summary = _combined([r.summary for r in results])
     record_summary(out, summary, {"ray": True, "workers": workers, "gpus_per_worker": gpus_per_worker,
                                   "render_seconds": round(result.render_seconds, 3),
                                   "cpus_per_worker": cpus_per_worker, "batch_size": execution.batch_size,

@@ -127,7 +127,10 @@ def open_run(out: Path, config: RunConfig, records: Sequence[PromptRecord] | Non
             raise UsageError(f"--resume: the settings differ from the run in {out} ({', '.join(changed)}); "
                              "use the same flags, or --overwrite to start again")
         saved_records = read_records(out / PROMPTS_FILE)
-        if records is not None and [r.id for r in records] != [r.id for r in saved_records]:
+        # A balanced run appends its top-up prompts after the requested ones.
+        balanced = "balance" in json.loads(run_file.read_text(encoding="utf-8"))
+        held = saved_records[: len(records)] if balanced and records is not None else saved_records
+        if records is not None and [r.id for r in records] != [r.id for r in held]:
             raise UsageError(f"--resume: the prompts differ from the run in {out}; use the same flags or --overwrite")
         return RunPlan(saved_records, fresh=False)
     if not run_file.exists() and out.exists() and any(out.iterdir()):
@@ -207,6 +210,19 @@ def log_dropped(out: Path, key: str, reason: str) -> None:
         os.close(fd)
 
 
+# Tests of --balance: "CLASS:FRACTION" drops that fraction of the pairs showing CLASS (chosen by key),
+# as if the counterfactual check had failed them.
+DROP_CLASS_ENV = "MAGICSEG_TEST_DROP_CLASS"
+
+
+def _dropped_by_test_hook(key: str, meta: dict) -> bool:
+    spec = os.environ.get(DROP_CLASS_ENV)
+    if not spec:
+        return False
+    name, fraction = spec.rsplit(":", 1)
+    return name in meta.get("classes", ()) and int(key[:8], 16) / 2**32 < float(fraction)
+
+
 class PairWriter:
     """The one place that decides what a pair's sample holds and whether it is kept."""
 
@@ -219,6 +235,10 @@ class PairWriter:
     def write(self, key: str, meta: dict, pos_jpg: bytes, neg_jpg: bytes,
               note: PairAnnotation | None = None, attention: bytes | None = None) -> None:
         files = {"pos.jpg": pos_jpg, "neg.jpg": neg_jpg}
+        if note is not None and _dropped_by_test_hook(key, meta):
+            log_dropped(self.writer.run_dir, key, f"dropped by {DROP_CLASS_ENV} (a test hook)")
+            self.counts["dropped"] += 1
+            return
         if note is not None:
             self.counts["classes_not_found"] += sum(not c["found"] for c in note.classes)
             meta = {**meta, "masks": note.metadata()}

@@ -64,6 +64,7 @@ class ClassStats:
     masks: int = 0  # samples with a non-empty mask of this class
     no_mask: int = 0  # samples where the class was not found or its mask is empty
     flagged: int = 0  # samples with this class that failed the counterfactual check
+    usable: int = 0  # samples with a non-empty mask of this class that did not fail the check
     area_sum: float = 0.0
     area_hist: np.ndarray = field(default_factory=lambda: np.zeros(len(AREA_BINS) - 1, np.int64))
 
@@ -298,6 +299,7 @@ def _count(digest: RunDigest, meta: dict) -> None:
             continue
         fraction = min(1.0, float(area) / pixels)
         stats.masks += 1
+        stats.usable += not failed
         stats.area_sum += fraction
         stats.area_hist[_bin(fraction, AREA_BINS)] += 1
 

@@ -352,6 +352,7 @@ def _run(digest: RunDigest) -> str:
         if rows:
             html.append('<table id="settings"><tbody>' + "".join(rows) + "</tbody></table>")
         html.append(_sessions(meta))
+        html.append(_balance(meta.get("balance")))
         versions = meta.get("versions")
         if isinstance(versions, dict):
             html.append("<p>Versions: " + escape(", ".join(f"{k} {v}" for k, v in sorted(versions.items()))) + "</p>")
@@ -362,6 +363,32 @@ def _run(digest: RunDigest) -> str:
                     + "</p>")
     html.append("</section>")
     return "\n".join(html)
+
+
+def _balance(balance) -> str:
+    """generate --balance: its rounds, and per class the target, what is usable and why pairs were lost."""
+    if not isinstance(balance, dict) or not isinstance(balance.get("classes"), dict) or not balance["classes"]:
+        return ""
+    rounds = [r for r in balance.get("rounds", []) if isinstance(r, dict)]
+    short = set(balance.get("short") or [])
+    intro = (f"Balanced (--balance): {len(rounds)} top-up rounds, {sum(int(r.get('pairs', 0)) for r in rounds):,} "
+             f"pairs beyond the {int(balance.get('requested_pairs', 0)):,} requested; "
+             + (f"{len(short)} classes still short of {1 - float(balance.get('tolerance', 0)):.0%} of their target."
+                if short else "every class reached its target within tolerance."))
+    rows = []
+    for name, c in sorted(balance["classes"].items(), key=lambda kv: (kv[0] not in short, kv[0])):
+        if not isinstance(c, dict):
+            continue
+        reasons = c.get("drop_reasons") if isinstance(c.get("drop_reasons"), dict) else {}
+        lost = ", ".join(f"{n} dropped: {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        for label, key in (("flagged", "flagged"), ("no mask", "no_mask")):
+            if c.get(key):
+                lost += (", " if lost else "") + f"{c[key]} {label}"
+        rows.append(f'<tr class="{"short" if name in short else "level"}"><td>{escape(name)}</td>'
+                    f"<td>{_cell(c.get('target'))}</td><td>{_cell(c.get('usable'))}</td>"
+                    f"<td>{_cell(c.get('attempts'))}</td><td>{escape(lost or '–')}</td></tr>")
+    return (f'<p id="balance-summary">{escape(intro)}</p><table id="balance"><thead><tr><th>class</th><th>target</th>'
+            "<th>usable</th><th>pairs tried</th><th>lost</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
 def _sessions(meta: dict) -> str:
