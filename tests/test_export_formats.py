@@ -222,3 +222,18 @@ def test_runs_without_masks_or_shards_are_refused(tmp_path):
     result = invoke("export", "--data", tmp_path, "--format", "hf", "--out", tmp_path / "b")
     assert result.exit_code == 2 and "holds no run" in result.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_damaged_shard_stops_the_export_at_that_shard(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    second = sorted((copy / "shards").glob("*.tar"))[1]
+    data = bytearray(second.read_bytes())
+    data[-2000] ^= 0xFF  # same size, other bytes: only the sha256 tells
+    second.write_bytes(bytes(data))
+    result = invoke("export", "--data", copy, "--format", "mmseg", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "does not match the sha256" in result.stderr
+    ledger = json.loads((tmp_path / "out" / ".magicseg-export.json").read_text())
+    assert len(ledger["shards_done"]) == 1 and not (tmp_path / "out" / "export.json").exists()

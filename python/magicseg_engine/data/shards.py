@@ -701,6 +701,11 @@ def shard_paths(run_dir: Path | str, *, verify: bool = True) -> list[Path]:
     return [state.run_dir / SHARDS_DIR / s.name for s in state.shards]
 
 
+def shard_sha256(path: Path | str) -> str:
+    """The sha256 of a shard file, as its manifest line records it."""
+    return _sha256_file(Path(path))[1]
+
+
 def iter_shard(path: Path | str) -> Iterator[dict]:
     """The samples of one shard file, as `iter_samples` gives them."""
     import webdataset as wds

@@ -40,9 +40,19 @@ class Pair:
 
 
 @dataclass(frozen=True)
+class ShardRef:
+    path: Path
+    sha256: str  # as the manifest records it
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True)
 class RunSource:
     root: Path
-    shards: tuple[Path, ...]  # finished shards, in manifest order
+    shards: tuple[ShardRef, ...]  # finished shards, in manifest order
     categories: tuple[str, ...]  # category i + 1 is categories[i]
     pairs_total: int  # pairs the run asked for
     pairs_finished: int
@@ -59,7 +69,7 @@ class RunSource:
 def open_run(data: Path, *, partial: bool, classes: str | None = None) -> RunSource:
     """The run in `data`, checked before any export work: a run, with finished shards, finished
     unless `partial`, and every class it draws among the categories."""
-    from magicseg_engine.data.shards import finished_keys, shard_paths
+    from magicseg_engine.data.shards import SHARDS_DIR, RunState
     from magicseg_engine.pipeline import PROMPTS_FILE, RUN_FILE, dropped_keys
     from magicseg_engine.prompts import read_records
 
@@ -71,10 +81,13 @@ def open_run(data: Path, *, partial: bool, classes: str | None = None) -> RunSou
         raise UsageError(f"{data} was generated with --mask-source none and has no masks to export; annotate it "
                          "first: magicseg-engine masks --data RUN --out RUN-masks --mask-source detector")
     records = read_records(data / PROMPTS_FILE)
-    shards = tuple(shard_paths(data))
+    # Read-only, sizes checked: a run still being generated is left as it is, and each shard's
+    # sha256 is checked as it is exported (reading the run twice would double the export's time).
+    state = RunState.load(data, verify=False, repair=False)
+    shards = tuple(ShardRef(data / SHARDS_DIR / s.name, s.sha256) for s in state.shards)
     if not shards:
         raise UsageError(f"{data} has no finished shards yet; export it once generate has written some")
-    finished, dropped = len(finished_keys(data)), len(dropped_keys(data))
+    finished, dropped = len(state.finished), len(dropped_keys(data))
     if finished + dropped < len(records) and not partial:
         raise UsageError(f"{data} is unfinished: {finished} of {len(records)} pairs are written; let generate "
                          "finish (--resume), or pass --partial to export the finished shards")
@@ -97,11 +110,15 @@ def _categories(saved: dict, drawn: Sequence[str], classes: str | None) -> tuple
     return tuple(drawn)
 
 
-def iter_pairs(shard: Path) -> Iterator[Pair]:
-    """The pairs of one shard; UsageError for a sample without a mask (a --mask-source none run)."""
-    from magicseg_engine.data.shards import iter_shard
+def iter_pairs(shard: ShardRef) -> Iterator[Pair]:
+    """The pairs of one shard, checked against its sha256 first; UsageError for a damaged shard or
+    a sample without a mask (a --mask-source none run)."""
+    from magicseg_engine.data.shards import iter_shard, shard_sha256
 
-    for sample in iter_shard(shard):
+    if shard_sha256(shard.path) != shard.sha256:
+        raise UsageError(f"shard {shard.path} does not match the sha256 its manifest line records: it changed "
+                         "or is corrupted; restore it from a copy, then export again (the export resumes)")
+    for sample in iter_shard(shard.path):
         key = sample["__key__"]
         if "mask.png" not in sample:
             raise UsageError(f"sample {key} in {shard.name} has no mask (generated with --mask-source none); "
