@@ -253,3 +253,108 @@ def test_invalid_arguments(models):
                 pass
         with pytest.raises(ValueError):  # two pairs sampled, one set
             make_sampler(models)(PROMPTS, NEGATIVES, SEEDS, hook=capture)
+
+
+# --- what is computed ---------------------------------------------------------------------
+
+
+def test_reading_positives_only_gives_the_same_positive_maps_and_masks(models, default_capture):
+    """read_negatives=False computes half the rows; the positives' maps, and the masks made of
+    them, are those of the capture that reads both, and the negatives' maps stay zero."""
+    from magicseg_engine.kernels.mask_extract import extract_masks
+    from magicseg_engine.masks.annotate import class_validity
+
+    positives_only, _ = capture_run(models, read_negatives=False)
+    full, half = default_capture.maps(), positives_only.maps()
+    torch.testing.assert_close(half[:, 0], full[:, 0], atol=1e-7, rtol=1e-6)
+    assert (half[:, 1] == 0).all() and full[:, 1].abs().sum() > 0
+    valid = class_validity(full, CLASSES)
+    want = extract_masks(full[:, 0], valid, (SIZE, SIZE)).class_masks
+    got = extract_masks(half[:, 0], valid, (SIZE, SIZE)).class_masks
+    assert want.any() and torch.equal(got, want)
+
+
+def test_maps_equal_every_layers_full_probabilities(models, default_capture):
+    """Capture that reads only the class columns (a log-sum-exp for the normaliser, the
+    step's layers computed together) against capture of everything: every captured layer's
+    full softmax over the 77 keys for every row, stored by plain processors, then the class
+    columns picked and averaged."""
+    modules = dict(models.unet.named_modules())
+    seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    class Everything:
+        def __init__(self, original, factor):
+            self.original, self.factor = original, factor
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+            q = attn.to_q(hidden_states)
+            k = attn.to_k(encoder_hidden_states)
+            heads, d = attn.heads, q.shape[-1] // attn.heads
+            q = q.view(q.shape[0], -1, heads, d).transpose(1, 2)
+            k = k.view(k.shape[0], -1, heads, d).transpose(1, 2)
+            b = len(PROMPTS)
+            keys = torch.cat([k[2 * b: 3 * b], k[2 * b: 3 * b]])  # the positive prompts' keys for both images
+            probs = torch.softmax(q[2 * b:] @ keys.transpose(-1, -2) / d**0.5, dim=-1).mean(1)  # [2B, N, 77]
+            seen.append((self.factor, probs, None))
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+
+    originals = {n: modules[n].processor for n in default_capture.layers}
+    try:
+        for n, f in default_capture.layers.items():
+            modules[n].set_processor(Everything(originals[n], f))
+        make_sampler(models)(PROMPTS, NEGATIVES, SEEDS)
+    finally:
+        for n, p in originals.items():
+            modules[n].set_processor(p)
+    index = default_capture._token_index.long()
+    b, c = index.shape[:2]
+    want = torch.zeros(2 * b, c, SIZE // 8, SIZE // 8)
+    for factor, probs, _ in seen:
+        side = int(probs.shape[1] ** 0.5)
+        for row in range(2 * b):
+            for cls in range(c):
+                cols = [p for p in index[row % b, cls].tolist() if p >= 0]
+                grid = probs[row][:, cols].sum(-1).view(1, 1, side, side)
+                want[row, cls] += F.interpolate(grid, size=(SIZE // 8, SIZE // 8), mode="bilinear",
+                                                align_corners=False)[0, 0]
+    want /= len(seen)
+    torch.testing.assert_close(default_capture.maps(), want.view(2, b, c, SIZE // 8, SIZE // 8).transpose(0, 1),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_processors_are_the_same_objects_every_batch(models):
+    """A compiled UNet guards on its processors: new ones every batch would recompile it."""
+    capture = AttentionCapture(models.unet, models.tokenizer)
+    with capture.installed():
+        first = processors(models.unet)
+    with capture.installed():
+        second = processors(models.unet)
+    assert all(first[n] is second[n] for n in first)
+    assert any(type(p).__name__ == "_CapturingProcessor" for p in first.values())
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_captures_without_recompiling(models):
+    """torch.compile with capture: the capture's bookkeeping stays out of the compiled UNet, so
+    batches after the first reuse its graphs (no recompiles until the limit and an eager
+    fallback) and the maps are the eager ones."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from magicseg_engine.engine.backends import torch_runners
+
+    torch._dynamo.reset()
+    unet = torch.compile(models.unet, dynamic=False)
+    runners = replace(torch_runners(models), backend="compile",
+                      predict_noise=lambda x, t, ctx, added=None: unet(x, t, encoder_hidden_states=ctx,
+                                                                        added_cond_kwargs=added).sample)
+    compiled = make_sampler(models)
+    compiled.runners = runners
+    seen = []
+    for seeds in ([1, 2], [3, 4], [5, 6]):
+        captured, _ = capture_run(models, compiled, seeds=seeds)
+        eager, _ = capture_run(models, seeds=seeds)
+        torch.testing.assert_close(captured.maps(), eager.maps(), atol=1e-6, rtol=1e-5)
+        seen.append(dynamo_utils.counters["stats"]["unique_graphs"])
+    # Captured steps and the others are two graphs; the later batches add none.
+    assert seen[0] <= 2 and seen[0] == seen[1] == seen[2]
+    torch._dynamo.reset()

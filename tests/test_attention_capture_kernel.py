@@ -117,3 +117,32 @@ def test_compiled_kernel_matches_reference_on_gpu(shape, dtype):
     want = out + 0.5 * class_attention_reference(q, k, index, scale)
     class_attention(q, k, index, scale, out=out, weight=0.5)
     torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize(("layers", "groups"), [(1, 1), (3, 2), (2, 1)])
+def test_several_layers_at_once_equal_the_reference_per_layer(layers, groups):
+    """The CPU path: one stacked computation for a step's layers, the negatives' queries read
+    against the positive keys, equals the reference per layer with those keys repeated."""
+    from magicseg_engine.kernels.attention_capture import class_attention_layers
+
+    b, h, n, d, c, t = 3, 4, 37, 40, 3, 4
+    qs, ks = [], []
+    for i in range(layers):
+        q, k, index = make_inputs(groups * b, h, n, d, c, t, seed=10 + i)
+        qs.append(q)
+        ks.append(k[:b])
+    index = index[:b]
+    got = class_attention_layers(qs, ks, index, 0.158)
+    want = sum(class_attention_reference(q, k.repeat(groups, 1, 1, 1), index.repeat(groups, 1, 1), 0.158)
+               for q, k in zip(qs, ks))
+    assert got.shape == (groups * b, c, n)
+    torch.testing.assert_close(got, want, atol=ATOL * layers, rtol=RTOL)
+    assert (got[0, 0] == 0).all()  # the class with no tokens
+
+
+def test_several_layers_refuse_rows_that_are_not_groups_of_the_keys():
+    from magicseg_engine.kernels.attention_capture import class_attention_layers
+
+    q, k, index = make_inputs(5, 2, 8, 16, 2, 2)
+    with pytest.raises(ValueError, match="not groups"):
+        class_attention_layers([q], [k[:2]], index[:2], 0.25)

@@ -64,9 +64,11 @@ class StepwiseCapture(AttentionCapture):
         self._step = index
         self._sums = self.per_step[index]
 
-    def _record(self, factor, q_pos, q_neg, k_pos, scale) -> None:
-        super()._record(factor, q_pos, q_neg, k_pos, scale)
-        self.layer_calls[self._step][factor] += 1
+    def _flush(self) -> None:
+        # Before the step's sums are switched: what is stashed belongs to self._step.
+        for factor, *_ in self._stashed:
+            self.layer_calls[self._step][factor] += 1
+        super()._flush()
 
     def _record_self(self, probs: torch.Tensor) -> None:
         cur = self.self_maps[self._step]

@@ -95,7 +95,12 @@ def _step_range(steps: tuple[float, float], num_steps: int) -> set[int]:
 
 
 class _CapturingProcessor:
-    """Stands in for one cross-attention module's processor while capture is installed."""
+    """Stands in for one cross-attention module's processor while capture is installed.
+
+    On a captured step it only hands the queries and keys it saw to the capture
+    (`AttentionCapture._stash`); the maps are computed between steps, outside the UNet, so a
+    compiled UNet traces no bookkeeping and the maps of a step's layers are computed together.
+    """
 
     def __init__(self, capture: AttentionCapture, original, factor: int):
         from diffusers.models.attention_processor import AttnProcessor2_0
@@ -113,21 +118,18 @@ class _CapturingProcessor:
         capture = self.capture
         if not capture._active or encoder_hidden_states is None:
             return self._original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+        rows, keys = capture._query_rows, capture._key_rows
         if self._inline and not kwargs:
             out, query, key = _sdpa_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-            layout = capture._layout
-            pos, neg = layout.positive_rows, layout.negative_rows
             # SDPA's own scale, which ignores attn.scale.
-            capture._record(self.factor, query[pos], query[neg], key[pos], query.shape[-1] ** -0.5)
+            capture._stash(self.factor, query[rows], key[keys], query.shape[-1] ** -0.5)
             return out
         out = self._original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
-        layout = capture._layout
-        pos, neg = layout.positive_rows, layout.negative_rows
-        temb_pos = temb[pos] if temb is not None else None
-        temb_neg = temb[neg] if temb is not None else None
-        q_pos, k_pos = _project(attn, hidden_states[pos], encoder_hidden_states[pos], temb_pos)
-        q_neg, _ = _project(attn, hidden_states[neg], encoder_hidden_states[neg], temb_neg)
-        capture._record(self.factor, q_pos, q_neg, k_pos, attn.scale)
+        query, _ = _project(attn, hidden_states[rows], encoder_hidden_states[rows],
+                            temb[rows] if temb is not None else None)
+        _, key = _project(attn, hidden_states[keys], encoder_hidden_states[keys],
+                          temb[keys] if temb is not None else None)
+        capture._stash(self.factor, query, key, attn.scale)
         return out
 
     def _original(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs):
@@ -154,12 +156,11 @@ class _SelfAttentionProbe:
                             attention_mask=attention_mask, **kwargs)
         capture = self.capture
         if capture._active and encoder_hidden_states is None:
-            layout = capture._layout
-            rows = torch.cat([hidden_states[layout.positive_rows], hidden_states[layout.negative_rows]])
-            t = torch.cat([temb[layout.positive_rows], temb[layout.negative_rows]]) if temb is not None else None
-            q, k = _project(attn, rows, rows, t)
+            both = capture._both_rows  # positives and negatives, whatever the capture reads
+            rows = hidden_states[both]
+            q, k = _project(attn, rows, rows, temb[both] if temb is not None else None)
             probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1).mean(1)
-            capture._record_self(probs)
+            capture._stashed_self.append(probs)
         return out
 
 
@@ -254,6 +255,13 @@ class AttentionCapture:
     elsewhere; True or False forces one. `self_attention_power` > 0 also reads the
     self-attention of the finest chosen level and refines the maps with it that many times
     (DiffSegmenter's and Dataset Diffusion's refinement); `bench quality --sweep` measures it.
+    `read_negatives=False` reads the positive images only (their negatives' maps stay zero): for
+    runs whose counterfactual check is off, it halves what capture computes.
+
+    What it costs: on a captured step each chosen layer's processor keeps a view of its queries
+    and keys (no arithmetic); when the step ends the maps of all layers of one size are
+    computed together (the Triton kernel per layer on a GPU), so the UNet's own work is
+    untouched and the extra memory is one step's queries of the chosen layers.
     """
 
     def __init__(
@@ -266,6 +274,7 @@ class AttentionCapture:
         layer_names: Collection[str] | None = None,
         use_triton: bool | None = None,
         self_attention_power: int = 0,
+        read_negatives: bool = True,
     ):
         lo, hi = (float(s) for s in steps)
         if not 0.0 <= lo < hi <= 1.0:
@@ -306,12 +315,22 @@ class AttentionCapture:
         self._token_index = torch.full((0, 0, 1), -1, dtype=torch.int32)
         self._index_on: dict[torch.device, torch.Tensor] = {}
 
+        self.read_negatives = read_negatives
+        self._processors: dict[str, object] = {}  # built once, so a compiled UNet sees the same ones
         self._installed = False
         self._active = False
+        self._seen = False  # a batch ran with the capture installed (or fed by an exported UNet)
         self._layout: UNetBatchLayout | None = None
         self._selected: set[int] = set()
         self._latent_hw: tuple[int, int] | None = None
         self._device = torch.device("cpu")
+        # Rows of the UNet batch the processors read: queries (positives, then negatives when
+        # they are read) and the positive prompt's keys; set per batch by `start`.
+        self._query_rows = slice(0, 0)
+        self._key_rows = slice(0, 0)
+        self._both_rows = slice(0, 0)
+        self._stashed: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []  # this step's (factor, q, k, scale)
+        self._stashed_self: list[torch.Tensor] = []
         self._sums: dict[int, torch.Tensor] = {}  # factor -> [2B, C, N] sum over layers and steps
         self._calls = 0
         self._self_sum: torch.Tensor | None = None  # [2B, N, N] self-attention probabilities
@@ -372,32 +391,33 @@ class AttentionCapture:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[AttentionCapture]:
-        """Capturing processors on the chosen layers while inside; the originals back on exit."""
+        """Capturing processors on the chosen layers while inside; the originals back on exit.
+
+        The processors are made once per capture and reused by every installation: a compiled
+        UNet guards on its processors, and new ones each batch would recompile it each batch.
+        """
         if self._installed:
             raise RuntimeError("this capture is already installed")
         modules = dict(self.unet.named_modules())
         if any(isinstance(modules[n].processor, _CapturingProcessor) for n in self.layers):
             raise RuntimeError("another attention capture is installed on this UNet")
         originals = {name: modules[name].processor for name in [*self.layers, *self.self_layers]}
-        handle = self.unet.register_forward_pre_hook(self._note_latent_size, with_kwargs=True)
+        if any(self._processors.get(n) is None or self._processors[n].original is not p
+               for n, p in originals.items()):
+            self._processors = {name: _CapturingProcessor(self, originals[name], factor)
+                                for name, factor in self.layers.items()}
+            self._processors.update({name: _SelfAttentionProbe(self, originals[name]) for name in self.self_layers})
         try:
-            for name, factor in self.layers.items():
-                modules[name].set_processor(_CapturingProcessor(self, originals[name], factor))
-            for name in self.self_layers:
-                modules[name].set_processor(_SelfAttentionProbe(self, originals[name]))
+            for name, processor in self._processors.items():
+                modules[name].set_processor(processor)
             self._installed = True
             yield self
         finally:
             self._installed = False
             self._active = False
-            handle.remove()
+            self._stashed, self._stashed_self = [], []
             for name, processor in originals.items():
                 modules[name].set_processor(processor)
-
-    def _note_latent_size(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        self._latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
-        self._device = sample.device
 
     # --- StepHook ---------------------------------------------------------------------------
 
@@ -405,42 +425,81 @@ class AttentionCapture:
         if layout.pairs != len(self._prompts):
             raise ValueError(f"the batch has {layout.pairs} pairs but set_prompts was given {len(self._prompts)}")
         self._layout = layout
+        self._latent_hw = layout.latent_hw
+        self._device = next(self.unet.parameters()).device
+        pos, neg = layout.positive_rows, layout.negative_rows
+        self._key_rows = pos
+        self._both_rows = slice(pos.start, neg.stop)
+        self._query_rows = self._both_rows if self.read_negatives else pos
+        self._index_on = {}
         self._selected = _step_range(self.steps, num_steps)
+        self._stashed, self._stashed_self = [], []
         self._sums = {}
         self._calls = 0
         self._self_sum = None
         self._active = False
+        self._seen = self._installed
 
     def before_step(self, index: int, timestep: torch.Tensor) -> None:
+        self._flush()
         self._active = self._installed and index in self._selected
 
     def finish(self) -> None:
+        self._flush()
         self._active = False
         if self._calls == 0:
             log.warning("attention capture recorded nothing: it was not installed, or no step was selected")
 
     # --- recording --------------------------------------------------------------------------
 
-    def _record(self, factor: int, q_pos: torch.Tensor, q_neg: torch.Tensor, k_pos: torch.Tensor,
-                scale: float) -> None:
-        pairs = self._layout.pairs
+    def _stash(self, factor: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        """One layer's head-split queries [R, H, N, D] of the rows read (positives, then
+        negatives) and keys [B, H, L, D] of the positive prompts, kept until the step ends."""
+        self._stashed.append((factor, query, key, scale))
+
+    def _flush(self) -> None:
+        """The maps of the step's stashed layers, added to the running sums per factor."""
+        stashed, self._stashed = self._stashed, []
+        selfs, self._stashed_self = self._stashed_self, []
+        for probs in selfs:
+            self._record_self(probs)
+        if not stashed:
+            return
+        self._calls += len(stashed)
         classes = self._token_index.shape[1]
-        self._calls += 1
         if classes == 0:
             return
-        n = q_pos.shape[2]
-        device = q_pos.device
-        buf = self._sums.get(factor)
-        if buf is None:
-            buf = self._sums[factor] = torch.zeros((2 * pairs, classes, n), dtype=torch.float32, device=device)
-        elif buf.shape[2] != n:
-            raise RuntimeError(f"layers at factor {factor} have {buf.shape[2]} and {n} positions")
-        index = self._index_on.get(device)
-        if index is None:
-            index = self._index_on[device] = self._token_index.to(device)
-        # Straight into the running sums: the kernel adds in place, no per-layer temporaries.
-        self._accumulate(q_pos, k_pos, index, scale, buf[:pairs])
-        self._accumulate(q_neg, k_pos, index, scale, buf[pairs:])
+        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for factor, q, k, scale in stashed:
+            groups.setdefault((factor, scale, q.shape, k.shape, q.dtype, q.device), []).append((q, k))
+        pairs = self._layout.pairs
+        for (factor, scale, q_shape, _, _, device), layers in groups.items():
+            n = q_shape[2]
+            buf = self._sums.get(factor)
+            if buf is None:
+                buf = self._sums[factor] = torch.zeros((2 * pairs, classes, n), dtype=torch.float32, device=device)
+            elif buf.shape[2] != n:
+                raise RuntimeError(f"layers at factor {factor} have {buf.shape[2]} and {n} positions")
+            index = self._index_on.get(device)
+            if index is None:
+                index = self._index_on[device] = self._token_index.to(device)
+            # Straight into the running sums: positives' rows first, negatives' after them.
+            self._accumulate(layers, index, scale, buf[: q_shape[0]])
+
+    def _accumulate(self, layers: list[tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor, scale: float,
+                    out: torch.Tensor) -> None:
+        """Add the class maps of `layers` (queries [R, H, N, D], keys [B, H, L, D], R = B or 2B)
+        into `out` [R, C, N]."""
+        use_triton = self.use_triton
+        if use_triton is None:
+            # The interpreter is far slower than torch on the CPU; the kernel pays off on GPUs.
+            use_triton = out.device.type == "cuda" and kernel.triton is not None
+        if use_triton:
+            for q, k in layers:
+                repeats = q.shape[0] // k.shape[0]
+                kernel.class_attention(q, k.repeat(repeats, 1, 1, 1), index.repeat(repeats, 1, 1), scale, out=out)
+        else:
+            out += kernel.class_attention_layers([q for q, _ in layers], [k for _, k in layers], index, scale)
 
     def _record_self(self, probs: torch.Tensor) -> None:
         """Add one self-attention layer's head-mean probabilities [2B, N, N] (positives, then
@@ -469,16 +528,6 @@ class AttentionCapture:
             grid = F.interpolate(grid, size=(h0, w0), mode="bilinear", align_corners=False)
         return grid
 
-    def _accumulate(self, q, k, index, scale, out) -> None:
-        use_triton = self.use_triton
-        if use_triton is None:
-            # The interpreter is far slower than torch on the CPU; the kernel pays off on GPUs.
-            use_triton = q.device.type == "cuda" and kernel.triton is not None
-        if use_triton:
-            kernel.class_attention(q, k, index, scale, out=out)
-        else:
-            out += kernel.class_attention_reference(q, k, index, scale)
-
     # --- a UNet that runs outside torch ------------------------------------------------------
     # An exported UNet (unet-capture.onnx, or an engine built from it) computes the same class
     # attention inside its graph. The runner asks for the rows and token index of each step
@@ -493,6 +542,7 @@ class AttentionCapture:
         """
         self._latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
         self._device = sample.device
+        self._seen = True
         if not self._active:
             return None
         if self._token_index.shape[1] == 0:
@@ -527,7 +577,8 @@ class AttentionCapture:
         resolution instead of one per layer and step. Classes a pair does not have, or whose
         tokens are missing, are zero.
         """
-        if self._layout is None or self._latent_hw is None:
+        self._flush()
+        if self._layout is None or self._latent_hw is None or not self._seen:
             raise RuntimeError("nothing captured yet: sample with the capture installed and passed as the hook")
         pairs = self._layout.pairs
         classes = self._token_index.shape[1]

@@ -22,15 +22,18 @@ import numpy as np
 import torch
 
 from magicseg_engine.engine.backends import DiffusionRunners, torch_runners
+from magicseg_engine.generate.fast import make_feature_cache
 from magicseg_engine.generate.models import DiffusionModels, check_image_size, make_scheduler
 
 
 @dataclass(frozen=True)
 class UNetBatchLayout:
-    """Which rows of the UNet batch hold what; handed to step hooks such as attention capture."""
+    """Which rows of the UNet batch hold what, and the latents' size; handed to step hooks such
+    as attention capture. Positive rows are always directly followed by the negative rows."""
 
     pairs: int
     guided: bool
+    latent_hw: tuple[int, int] | None = None
 
     @property
     def positive_rows(self) -> slice:
@@ -67,6 +70,9 @@ class SamplingSettings:
     scheduler: str
     independent_noise: bool = False
     vae_batch_size: int = 8
+    # generate.fast.FAST_LEVELS: 0 runs the whole UNet every step; higher levels reuse its deep
+    # features between full steps (torch backend only).
+    fast: int = 0
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], independent: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +116,8 @@ class PairedSampler:
             settings.width // models.vae_scale_factor,
         )
         self._uncond: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # None at level 0; refuses unknown levels and backends that do not run the UNet in torch.
+        self.feature_cache = make_feature_cache(models.unet, settings.fast, self.runners)
 
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -162,13 +170,20 @@ class PairedSampler:
         latents = torch.cat([pos_noise, neg_noise]).to(self.device, self.dtype) * scheduler.init_noise_sigma
 
         if hook is not None:
-            hook.start(UNetBatchLayout(pairs=pairs, guided=guided), len(scheduler.timesteps))
+            hook.start(UNetBatchLayout(pairs=pairs, guided=guided, latent_hw=tuple(self.latent_shape[1:])),
+                       len(scheduler.timesteps))
+        cache = self.feature_cache
+        if cache is not None:
+            cache.reset()  # the deep features of another batch are no use to this one
         for i, t in enumerate(scheduler.timesteps):
             if hook is not None:
                 hook.before_step(i, t)
             model_in = torch.cat([latents, latents]) if guided else latents
             model_in = scheduler.scale_model_input(model_in, t)
-            eps = self.runners.predict_noise(model_in, t, context, added)
+            if cache is None:
+                eps = self.runners.predict_noise(model_in, t, context, added)
+            else:
+                eps = cache.predict(model_in, t, context, added, step_index=i)
             if guided:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + s.guidance * (eps_cond - eps_uncond)
