@@ -196,7 +196,8 @@ def test_bench_schedulers_scores_every_combination_as_bench_quality_would(tmp_pa
 
 def test_bench_schedulers_refuses_unknown_schedulers_and_step_counts(tmp_path):
     for args, text in ((("--schedulers", "pndm"), "not a scheduler"), (("--steps", "1"), "at least 2"),
-                       (("--steps", "ten"), "whole numbers"), (("--preset", "tiny"), "needs --preset shapes")):
+                       (("--steps", "ten"), "whole numbers"), (("--preset", "tiny"), "needs --preset shapes"),
+                       (("--fast", "0,9"), "not a fast level"), (("--fast", "x"), "fast levels separated")):
         result = invoke("bench", "schedulers", *args, "--json", tmp_path / "s.json")
         assert result.exit_code == 2 and text in result.output and "Traceback" not in result.output
         assert not (tmp_path / "s.json").exists()
@@ -278,3 +279,17 @@ def test_bench_ablation_refuses_overlapping_classes_before_writing(tmp_path):
                     "--train-classes", "red star,blue ring")
     assert result.exit_code == 2 and "overlap" in result.output
     assert not work.exists()
+
+
+@pytest.mark.slow
+def test_bench_schedulers_sweeps_fast_levels_on_the_same_pairs(tmp_path):
+    """--fast adds fast mode as a third axis: each level is a row rendered from the same
+    prompts and seeds, the first level the baseline, and a fast level draws other images."""
+    result = invoke("bench", "schedulers", "--schedulers", "ddim", "--steps", "4", "--fast", "0,1", "--pairs", "4",
+                    "--batch-size", "4", "--device", "cpu", "--json", tmp_path / "s.json")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "s.json").read_text())
+    rows = saved["rows"]
+    assert [(r["steps"], r["fast"]) for r in rows] == [(4, 0), (4, 1)] and saved["baseline"]["fast"] == 0
+    assert rows[0]["speedup"] == 1.0 and rows[1]["seconds_per_pair"] > 0
+    assert rows[0]["pixel_agreement_outside"] != rows[1]["pixel_agreement_outside"]

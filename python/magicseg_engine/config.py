@@ -76,6 +76,9 @@ class DiffusionConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     # The reference sampled a negative from unrelated noise; kept to measure what sharing buys.
     independent_noise: bool = False
+    # Fast mode (generate.fast.FAST_LEVELS): 0 runs the whole UNet every step; 1 and 2 reuse its
+    # deep features on every other / two of three steps. `bench fast` measures what each costs.
+    fast: int = Field(0, ge=0)
 
     @field_validator("height", "width")
     @classmethod

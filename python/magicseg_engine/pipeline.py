@@ -34,6 +34,7 @@ from magicseg_engine.data.shards import MANIFEST, SHARDS_DIR, ShardWriter, finis
 from magicseg_engine.engine.backends import BACKENDS, make_runners, make_sam_runners, with_attention_kernel
 from magicseg_engine.errors import UsageError
 from magicseg_engine.generate.attention import AttentionCapture
+from magicseg_engine.generate.fast import FAST_LEVELS
 from magicseg_engine.generate.models import load_diffusion, resolve_dtype
 from magicseg_engine.generate.sampler import PairBatch, PairedSampler, SamplingSettings
 from magicseg_engine.masks.annotate import DeviceAnnotations, MaskAnnotator, PairAnnotation
@@ -366,12 +367,17 @@ def build_sampler(config: RunConfig, device: str | torch.device, backend: str = 
     check_model_settings(config)
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    device = torch.device(device)
     d = config.diffusion
+    if d.fast not in FAST_LEVELS:
+        raise UsageError(f"--fast {d.fast} is not a fast level; choose one of {', '.join(map(str, sorted(FAST_LEVELS)))}")
+    if d.fast and backend != "torch":
+        raise UsageError(f"--fast runs the UNet's own blocks in eager torch, which --backend {backend} does not; "
+                         "use --backend torch, or --fast 0")
+    device = torch.device(device)
     dtype = resolve_dtype(d.dtype, device)
     models = load_diffusion(d, device, dtype, seed=config.seed, channels_last=channels_last)
     settings = SamplingSettings(height=d.height, width=d.width, steps=d.steps, guidance=d.guidance,
-                                scheduler=d.scheduler, independent_noise=d.independent_noise)
+                                scheduler=d.scheduler, independent_noise=d.independent_noise, fast=d.fast)
     latent_shape = (models.latent_channels, d.height // models.vae_scale_factor, d.width // models.vae_scale_factor)
     runners = make_runners(backend, models, engines, latent_shape, capture=config.masks.source != "none")
     runners = with_attention_kernel(runners, models, attention)
