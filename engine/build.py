@@ -7,6 +7,10 @@ models) so that a backend never runs files exported from other weights.
 `unet-capture` is the UNet with the attention-capture maps as extra outputs, for the layers
 a run's AttentionCapture reads by default; generation with masks on an exported backend
 runs it on the steps it captures, and the plain `unet` on the others.
+
+Each engine's optimisation profile (`engine_profile`) is checked before anything is loaded or
+exported, and again from the exported files' shapes before the first engine is built: a
+profile that cannot be made stops the run in one line, never after some engines were built.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 
 from magicseg_engine.atomic import atomic_write_text, check_writable_dir
-from magicseg_engine.config import RunConfig, library_versions
+from magicseg_engine.config import MaskConfig, PromptsConfig, RunConfig, library_versions
 from magicseg_engine.engine.export import (
     CAPTURE_COMPONENT,
     COMPONENTS,
@@ -35,20 +39,81 @@ from magicseg_engine.engine.export import (
 from magicseg_engine.errors import UsageError
 
 MANIFEST = "manifest.json"
-# Dims of the SAM mask decoder that are not the batch: prompts per image and prompt tokens
-# (a box is 2 tokens, each point 1, plus SAM's padding point).
-SAM_DECODER_DIMS = {"images": 1, "prompts": 8, "tokens": 5}
 # Every component build-engines writes; unet-capture is exported from the unet.
 BUILDABLE = COMPONENTS + (CAPTURE_COMPONENT,)
 # unet-capture's map dims as TensorRT ranges (min, opt, max): classes per pair (prompts name 1-2,
 # user prompt files up to 4) and token positions per class (multi-word names, repeats).
 CAPTURE_DIMS = {"classes": (1, 2, 4), "tokens": (1, 4, 16)}
+# The symbolic dims of each component's inputs, as engine/export.py names them: enough to check
+# every TensorRT profile before a model loads or a file is written. The exports' own shapes are
+# checked again before the first engine is built.
+EXPORT_DIMS: dict[str, tuple[str, ...]] = {
+    "text-encoder": ("batch",), "unet": ("batch",), "vae-decoder": ("batch",), "sam-image-encoder": ("batch",),
+    "sam-mask-decoder": ("images", "prompts", "tokens"), CAPTURE_COMPONENT: ("batch", "rows", "classes", "tokens"),
+}
 
 
 def capture_dims(batch_sizes: Sequence[int]) -> dict[str, tuple[int, int, int]]:
     """unet-capture's TensorRT dims: map rows are 2 per pair, half a guided UNet batch."""
     hi = max(batch_sizes)
     return {**CAPTURE_DIMS, "rows": (1, max(1, hi // 2), hi)}
+
+
+def _largest(field) -> int:
+    """The largest value a configuration field accepts (its `le` bound)."""
+    return next(m.le for m in field.metadata if getattr(m, "le", None) is not None)
+
+
+def sam_decoder_dims() -> dict[str, tuple[int, int, int]]:
+    """The SAM mask decoder's TensorRT ranges (min, opt, max), as SamRefiner calls it.
+
+    A call decodes the prompts of one image that share a layout, on that image's embedding
+    alone: `images` is 1, and `prompts` is 1 up to the classes a pair may have. A prompt's
+    `tokens` are its points plus 2 for its box, or plus SAM's padding point without one: 2 (a
+    box alone, or one point) up to every positive and negative point and a box. The largest
+    values are the largest the configuration accepts, so one engine serves every run's
+    settings; opt, which TensorRT tunes for, is the call the default settings make.
+    """
+    classes = PromptsConfig.model_fields["max_classes_per_sample"]
+    points = [MaskConfig.model_fields[name] for name in ("positive_points", "negative_points")]
+    return {
+        "images": (1, 1, 1),
+        "prompts": (1, classes.default, _largest(classes)),
+        "tokens": (2, sum(p.default for p in points) + 2, sum(_largest(p) for p in points) + 2),
+    }
+
+
+SAM_DECODER_DIMS = sam_decoder_dims()
+
+
+def profile_sizing(component: str, batch_sizes: Sequence[int]) -> tuple[tuple[int, ...] | None, dict | None]:
+    """(batch sizes, fixed dims) that size `component`'s TensorRT profile (see `profile_shapes`)."""
+    if component == "sam-mask-decoder":
+        # Sized by one image's prompts, whatever the generation batch: --batch-sizes do not apply.
+        return None, SAM_DECODER_DIMS
+    if component == CAPTURE_COMPONENT:
+        return tuple(batch_sizes), capture_dims(batch_sizes)
+    return tuple(batch_sizes), None
+
+
+def engine_profile(component: str, input_shapes, batch_sizes: Sequence[int]) -> dict:
+    """`component`'s TensorRT optimisation profile for inputs of `input_shapes` (dims as ints or
+    names), or UsageError in one line saying why there is none."""
+    from magicseg_engine.engine.tensorrt import profile_shapes
+
+    sizes, fixed = profile_sizing(component, batch_sizes)
+    try:
+        return profile_shapes(input_shapes, sizes, fixed)
+    except ValueError as err:
+        raise UsageError(f"no TensorRT optimisation profile for {component} with --batch-sizes "
+                         f"{','.join(map(str, batch_sizes))}: {err}") from None
+
+
+def check_profiles(components: Sequence[str], batch_sizes: Sequence[int]) -> None:
+    """Every component's profile over the dims its export declares (EXPORT_DIMS); UsageError
+    for the first that has none, before anything is loaded, exported or built."""
+    for component in components:
+        engine_profile(component, {component: EXPORT_DIMS[component]}, batch_sizes)
 
 
 def parse_components(text: str) -> tuple[str, ...]:
@@ -88,7 +153,10 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
     if fmt == "tensorrt":
         from magicseg_engine.engine.tensorrt import require_tensorrt
 
-        require_tensorrt()  # before any model loads or any file is written
+        # Before any model loads or any file is written: TensorRT is there, and every engine
+        # asked for has a profile, so no engine is built for a set that cannot be completed.
+        require_tensorrt()
+        check_profiles(components, batch_sizes)
     check_writable_dir(out)
     dtype = resolve_dtype("float32", device)
     models = sam = None
@@ -97,7 +165,7 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
     if any(c in SAM_COMPONENTS for c in components):
         sam = build_sam(config.sam.model_type, config.sam.checkpoint, device=device, dtype=dtype, seed=config.seed)
 
-    entries = []
+    entries, exports = [], []
     for component in components:
         source = sam if component in SAM_COMPONENTS else models
         layers = None
@@ -121,14 +189,20 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
             check = (capture_parity(source, exported) if layers
                      else parity(component, source, exported, sample_inputs(component, source, batch=1)))
             entry["onnxruntime_parity"] = {"max_abs": check["max_abs"], "max_rel": check["max_rel"]}
-        if fmt == "tensorrt":
-            from magicseg_engine.engine.tensorrt import build_engine
+        entries.append(entry)
+        exports.append((exported, component_prec))
 
-            fixed = {"sam-mask-decoder": SAM_DECODER_DIMS, CAPTURE_COMPONENT: capture_dims(batch_sizes)}.get(component)
-            engine = build_engine(exported, out / "tensorrt", batch_sizes, component_prec, fixed_dims=fixed,
+    if fmt == "tensorrt":
+        from magicseg_engine.engine.tensorrt import build_engine
+
+        # Every profile again, now from the exported files' own shapes, before the first build.
+        for entry, (exported, _) in zip(entries, exports):
+            engine_profile(entry["component"], exported.input_shapes, batch_sizes)
+        for entry, (exported, component_prec) in zip(entries, exports):
+            sizes, fixed = profile_sizing(entry["component"], batch_sizes)
+            engine = build_engine(exported, out / "tensorrt", sizes, component_prec, fixed_dims=fixed,
                                   timing_cache_path=out / "tensorrt" / "timing.cache")
             entry["engine"] = str(Path(engine).relative_to(out))
-        entries.append(entry)
 
     manifest = {
         "model_id": models.model_id if models is not None else None,

@@ -36,7 +36,9 @@ Choices, and why:
   outputs (what ``SamRefiner`` uses), the dense positional encoding baked in, and the image
   embedding broadcast instead of repeated: ``images`` is 1 (one image shared by every
   prompt) or ``prompts`` (one image row per prompt, so prompts of several images decode in
-  one call). Prompts of one call must have the same number of ``tokens``.
+  one call). Prompts of one call must have the same number of ``tokens``. Its TensorRT engine
+  serves the calls ``SamRefiner`` makes, one image per call, with ``prompts`` and ``tokens``
+  ranged (``engine.build.sam_decoder_dims``); onnxruntime runs either form.
 * Graph clean-up uses onnx's own library plus a small pass written here: the exporter's
   constant folding, then Identity removal, folding of the remaining all-constant nodes
   (evaluated with ``onnx.reference``, only where the result is small, so weights are never

@@ -141,7 +141,7 @@ Profile = dict[str, tuple[Shape, Shape, Shape]]
 
 def profile_shapes(
     input_shapes: Mapping[str, Sequence[int | str | None]],
-    batch_sizes: Sequence[int],
+    batch_sizes: Sequence[int] | None,
     fixed: Mapping[str, int | tuple[int, int, int]] | None = None,
     *,
     batch_dim: str = "batch",
@@ -154,11 +154,15 @@ def profile_shapes(
     (min, opt, max) range (a name used by several inputs gets the same in all of them);
     integer dimensions stay as they are.
     Names in `fixed` that no input uses are ignored, so one mapping can serve several models.
+
+    `batch_sizes` None is for a model whose calls are not sized by the batch (SAM's mask
+    decoder: prompts of one image per call): every symbolic dimension then comes from
+    `fixed`, and a `batch_dim` dimension is an error.
     """
-    sizes = list(batch_sizes)
-    if not sizes:
+    sizes = None if batch_sizes is None else list(batch_sizes)
+    if sizes is not None and not sizes:
         raise ValueError("batch_sizes is empty: give at least one batch size")
-    for b in sizes:
+    for b in sizes or ():
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"batch sizes must be positive integers, got {b!r}")
     fixed = dict(fixed or {})
@@ -172,8 +176,9 @@ def profile_shapes(
             raise ValueError(f"fixed dimension {name!r} must be a positive integer or a (min, opt, max) "
                              f"range of them, got {size!r}")
         ranges_of[name] = span
+    if sizes is not None:
+        ranges_of[batch_dim] = (min(sizes), max(sizes), max(sizes))
 
-    lo, hi = min(sizes), max(sizes)
     missing: dict[str, list[str]] = {}
     uses_batch = False
     out: Profile = {}
@@ -189,10 +194,8 @@ def profile_shapes(
             elif d is None or d == "":
                 raise ValueError(f"input {inp!r} dimension {i} is symbolic but has no name; "
                                  "name it in the export so it can be given a size")
-            elif d == batch_dim:
-                uses_batch = True
-                ranges.append((lo, hi, hi))
             elif d in ranges_of:
+                uses_batch = uses_batch or d == batch_dim
                 ranges.append(ranges_of[d])
             else:
                 missing.setdefault(str(d), []).append(inp)
@@ -200,10 +203,13 @@ def profile_shapes(
         out[inp] = tuple(tuple(r[k] for r in ranges) for k in range(3))
     if missing:
         listed = "; ".join(f"{d!r} (in {', '.join(sorted(set(ins)))})" for d, ins in sorted(missing.items()))
+        if sizes is None and batch_dim in missing:
+            raise ValueError(f"symbolic dimensions without a size: {listed}; this profile was given no "
+                             "batch sizes: give them, or size every dimension in fixed dimensions")
         raise ValueError(f"symbolic dimensions without a size: {listed}; give them in fixed dimensions")
-    if not uses_batch and lo != hi:
+    if sizes is not None and not uses_batch and min(sizes) != max(sizes):
         raise ValueError(f"no input has a dynamic {batch_dim!r} dimension, so one engine cannot serve "
-                         f"batch sizes {lo}..{hi}; export with a dynamic batch or give one batch size")
+                         f"batch sizes {min(sizes)}..{max(sizes)}; export with a dynamic batch or give one batch size")
     return out
 
 
@@ -336,7 +342,7 @@ def _check_precision(precision: str, target: BuildTarget) -> None:
 def build_engine(
     exported,
     cache_dir: str | Path,
-    batch_sizes: Sequence[int],
+    batch_sizes: Sequence[int] | None,
     precision: str,
     fixed_dims: Mapping[str, int | tuple[int, int, int]] | None = None,
     timing_cache_path: str | Path | None = None,
@@ -350,6 +356,8 @@ def build_engine(
     digest, with a JSON record; a cached engine whose bytes do not match its record is rebuilt
     with a warning. "fp32" leaves TensorRT's default of TF32 matmuls and convolutions on Ampere
     and newer in place; "fp16" and "bf16" additionally allow kernels of that type.
+    `batch_sizes` and `fixed_dims` give the optimisation profile, as `profile_shapes` reads them
+    (None batch sizes: a model whose dims all come from `fixed_dims`).
     """
     # TensorRT and a GPU first: without them nothing below can be used, and cache_dir is untouched.
     target = _current_target()
@@ -379,8 +387,8 @@ def build_engine(
     # Fail on an unwritable cache before a build that can take many minutes, not after it.
     check_writable_dir(Path(cache_dir))
 
-    log.info("%s: building TensorRT %s engine for batch %d..%d (%s); this can take minutes",
-             component, precision, min(batch_sizes), max(batch_sizes), target.gpu_name)
+    log.info("%s: building TensorRT %s engine for %s (%s); this can take minutes",
+             component, precision, _ranges_text(profile), target.gpu_name)
     start = time.perf_counter()
     serialized = _build_serialized(
         exported, profile, precision,
@@ -408,6 +416,14 @@ def build_engine(
     atomic_write_text(record_path(path), json.dumps(record, indent=1, sort_keys=True) + "\n")
     log.info("%s: built %s (%.1f MiB) in %.1f s", component, path, data.nbytes / 2**20, seconds)
     return path
+
+
+def _ranges_text(profile: Profile) -> str:
+    """The profile's ranges, e.g. "sample 1..16x4x64x64, timestep 1..16", for the build log."""
+    def dims(mn, mx):
+        return "x".join(str(a) if a == b else f"{a}..{b}" for a, b in zip(mn, mx))
+
+    return ", ".join(f"{name} {dims(mn, mx)}" for name, (mn, _, mx) in profile.items())
 
 
 _LOGGER = None

@@ -46,6 +46,20 @@ def test_manifest_lists_every_component_checked_against_torch(engines):
                                             "token_index"}
 
 
+def test_profiles_checked_before_export_name_the_exports_own_dims(engines):
+    """build-engines checks every TensorRT profile before exporting, from the dims EXPORT_DIMS
+    says each component has: those must be the dims the exports really have."""
+    from magicseg_engine.engine.build import EXPORT_DIMS, engine_profile
+
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert {e["component"] for e in manifest["components"]} == set(EXPORT_DIMS)
+    for e in manifest["components"]:
+        names = {d for shape in e["input_shapes"].values() for d in shape if isinstance(d, str)}
+        assert names == set(EXPORT_DIMS[e["component"]]), e["component"]
+        # And the real shapes get a profile for the default batch sizes.
+        assert set(engine_profile(e["component"], e["input_shapes"], (1, 8, 16))) == set(e["input_shapes"])
+
+
 def test_onnxruntime_backend_draws_what_torch_draws(engines, tmp_path):
     runs = {}
     for backend in ("torch", "onnxruntime"):

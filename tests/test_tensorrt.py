@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import magicseg_engine.engine.tensorrt as trt_mod
-from magicseg_engine.engine.build import capture_dims
+from magicseg_engine.engine.build import capture_dims, engine_profile
 from magicseg_engine.engine.tensorrt import (
     NO_GPU,
     NOT_INSTALLED,
@@ -245,6 +245,143 @@ def test_profile_rejects_bad_arguments(batch_sizes, fixed, match):
 def test_profile_rejects_unnamed_symbolic_dim():
     with pytest.raises(ValueError, match="no name"):
         profile_shapes({"x": ("batch", None)}, [1])
+
+
+def test_profile_without_batch_sizes_takes_every_dim_from_fixed():
+    # SAM's mask decoder: sized by one image's prompts, whatever the generation batch.
+    shapes = {"emb": ("images", 64, 16, 16), "sparse": ("prompts", "tokens", 64)}
+    fixed = {"images": 1, "prompts": (1, 2, 8), "tokens": (2, 4, 18)}
+    assert profile_shapes(shapes, None, fixed) == {
+        "emb": ((1, 64, 16, 16),) * 3,
+        "sparse": ((1, 2, 64), (2, 4, 64), (8, 18, 64)),
+    }
+    with pytest.raises(ValueError, match="'batch' \\(in x\\); this profile was given no batch sizes"):
+        profile_shapes({"x": ("batch", 3)}, None)
+    with pytest.raises(ValueError, match="'tokens' \\(in sparse\\)"):
+        profile_shapes(shapes, None, {"images": 1, "prompts": 8})
+
+
+# --------------------------------------------------------------------------- SAM mask decoder
+
+@pytest.fixture(scope="module")
+def sam_decoder(tmp_path_factory):
+    """The tiny SAM and its exported mask decoder."""
+    from magicseg_engine.engine.export import export_component
+    from magicseg_engine.masks.sam import build_sam
+
+    sam = build_sam("tiny")
+    return sam, export_component("sam-mask-decoder", sam, tmp_path_factory.mktemp("sam-onnx"))
+
+
+class RecordingSamRunners:
+    """SamRefiner's torch runners, recording the shapes of every mask-decoder call."""
+
+    def __init__(self, sam):
+        from magicseg_engine.engine.backends import sam_torch_runners
+
+        self.inner = sam_torch_runners(sam)
+        self.encode_images = self.inner.encode_images
+        self.calls: list[dict[str, tuple]] = []
+
+    def decode_masks(self, embedding, sparse, dense):
+        self.calls.append({"image_embeddings": tuple(embedding.shape),
+                           "sparse_prompt_embeddings": tuple(sparse.shape),
+                           "dense_prompt_embeddings": tuple(dense.shape)})
+        return self.inner.decode_masks(embedding, sparse, dense)
+
+
+def _refiner_prompts(classes: int, positive: int, negative: int, box: bool, seed: int = 0):
+    """Prompts for 2 images of 64x64 pixels, `classes` classes each, laid out as extract_masks lays
+    them out: `positive` points labelled 1, then `negative` labelled 0, and a box or none."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    n = positive + negative
+    points = torch.rand((2, classes, max(n, 1), 2), generator=gen) * 63
+    labels = torch.tensor([1] * positive + [0] * negative if n else [-1]).expand(2, classes, -1).clone()
+    corner = torch.rand((2, classes, 2), generator=gen) * 32
+    boxes = torch.cat([corner, corner + 24], dim=-1) if box else torch.full((2, classes, 4), -1.0)
+    images = (torch.rand((2, 64, 64, 3), generator=gen) * 255).to(torch.uint8).numpy()
+    return images, boxes, points, labels
+
+
+def test_sam_decoder_profile_covers_every_call_the_refiner_makes(sam_decoder):
+    """With --batch-sizes 1,8,16 (the default) the decoder gets ranges, not an error: images 1,
+    prompts up to the classes a pair may have, tokens from a box alone up to every point a run
+    may ask for and a box; and every call SamRefiner makes at those extremes lies inside them."""
+    from magicseg_engine.config import MaskConfig, PromptsConfig
+    from magicseg_engine.masks.sam import SamRefiner
+
+    sam, exported = sam_decoder
+    profile = engine_profile("sam-mask-decoder", exported.input_shapes, (1, 8, 16))
+    assert set(profile) == set(exported.input_names)
+    for name, (mn, opt, mx) in profile.items():
+        assert len(mn) == len(opt) == len(mx) == len(exported.input_shapes[name])
+        assert all(1 <= a <= b <= c for a, b, c in zip(mn, opt, mx)), (name, mn, opt, mx)
+    assert profile["image_embeddings"] == ((1, 64, 16, 16),) * 3
+    assert profile["sparse_prompt_embeddings"] == ((1, 2, 64), (2, 4, 64), (8, 18, 64))
+    assert profile["dense_prompt_embeddings"] == ((1, 64, 16, 16), (2, 64, 16, 16), (8, 64, 16, 16))
+    # The same profile whatever the batch sizes: the decoder's calls do not follow the batch.
+    assert engine_profile("sam-mask-decoder", exported.input_shapes, (4,)) == profile
+
+    most_classes = PromptsConfig.model_fields["max_classes_per_sample"].metadata
+    most_points = [MaskConfig.model_fields[f].metadata for f in ("positive_points", "negative_points")]
+    classes = next(m.le for m in most_classes if hasattr(m, "le"))
+    positive, negative = (next(m.le for m in meta if hasattr(m, "le")) for meta in most_points)
+    runners = RecordingSamRunners(sam)
+    refiner = SamRefiner(sam, runners=runners)
+    layouts = [
+        (classes, positive, negative, True),   # every class, every point and a box: the largest call
+        (1, 0, 0, True),                       # a box alone: 2 tokens
+        (1, 1, 0, False),                      # one point and SAM's padding point: 2 tokens
+        (2, 1, 1, True),                       # the default settings
+        (3, positive, negative, False),        # every point, no box
+    ]
+    for seed, layout in enumerate(layouts):
+        refiner(*_refiner_prompts(*layout, seed=seed))
+    assert len(runners.calls) == 2 * len(layouts)  # one call per image: each image's prompts share a layout
+    for call in runners.calls:
+        for name, shape in call.items():
+            mn, _, mx = profile[name]
+            assert all(a <= d <= b for a, d, b in zip(mn, shape, mx)), (name, shape, profile[name])
+    sparse = [c["sparse_prompt_embeddings"] for c in runners.calls]
+    # The extremes are reached, so the ranges are the calls' own, not guesses.
+    assert max(s[0] for s in sparse) == profile["sparse_prompt_embeddings"][2][0] == classes
+    assert max(s[1] for s in sparse) == profile["sparse_prompt_embeddings"][2][1] == positive + negative + 2
+    assert min(s[1] for s in sparse) == profile["sparse_prompt_embeddings"][0][1] == 2
+    assert (2, 4, 64) in sparse  # the default settings' call is the one TensorRT tunes for
+
+
+def test_sam_decoder_export_matches_torch_at_both_ends_of_its_profile(sam_decoder):
+    """The exported graph keeps prompts and tokens dynamic: onnxruntime equals torch at the
+    profile's smallest call (1 prompt of 2 tokens) and its largest (8 prompts of 18 tokens)."""
+    import torch
+
+    from magicseg_engine.engine.export import onnxruntime_session, parity
+
+    sam, exported = sam_decoder
+    profile = engine_profile("sam-mask-decoder", exported.input_shapes, (1, 8, 16))
+    session = onnxruntime_session(exported)
+    gen = torch.Generator().manual_seed(0)
+    for end in (0, 2):
+        prompts, tokens, _ = profile["sparse_prompt_embeddings"][end]
+        inputs = {
+            "image_embeddings": torch.randn(profile["image_embeddings"][end], generator=gen),
+            "sparse_prompt_embeddings": torch.randn((prompts, tokens, 64), generator=gen),
+            "dense_prompt_embeddings": torch.randn(profile["dense_prompt_embeddings"][end], generator=gen),
+        }
+        result = parity("sam-mask-decoder", sam, exported, inputs, session=session)
+        assert result["max_abs"] < 1e-4 and result["max_rel"] < 1e-5, (end, result)
+        masks, iou = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+        assert masks.shape == (prompts, 3, 64, 64) and iou.shape == (prompts, 3)
+
+
+def test_engine_profile_failure_is_one_usage_line():
+    with pytest.raises(UsageError) as err:
+        engine_profile("unet", {"sample": (2, 4, 8, 8)}, (1, 8, 16))
+    message = str(err.value)
+    assert "\n" not in message and err.value.exit_code == 2
+    assert message.startswith("no TensorRT optimisation profile for unet with --batch-sizes 1,8,16: ")
 
 
 # --------------------------------------------------------------------------- keys
@@ -647,6 +784,82 @@ def test_sdxl_exports_get_profiles_for_every_input(recording, tmp_path):
         ((1, 2, 77), (8, 2, 77), (8, 2, 77))
 
 
+# --------------------------------------------------------------------------- build-engines
+
+@pytest.fixture
+def fake_gpu(recording, monkeypatch):
+    """build-engines --format tensorrt on this machine: the recording TensorRT and a GPU torch never sees."""
+    monkeypatch.setattr(trt_mod, "_cuda_device", lambda: ("NVIDIA H100 80GB HBM3", (9, 0)))
+    return recording()
+
+
+def build_engines_cli(out, *args):
+    from typer.testing import CliRunner
+
+    from magicseg_engine.cli import app
+
+    return CliRunner().invoke(app, ["build-engines", "--preset", "tiny", "--device", "cpu", "--format", "tensorrt",
+                                    "--out", str(out), *map(str, args)])
+
+
+def test_build_engines_builds_every_engine_for_several_batch_sizes(fake_gpu, tmp_path):
+    """The default --batch-sizes 1,8,16: one engine per component, SAM's mask decoder included,
+    each from the profile its calls need."""
+    out = tmp_path / "engines"
+    result = build_engines_cli(out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["batch_sizes"] == [1, 8, 16]
+    components = [e["component"] for e in manifest["components"]]
+    assert len(components) == 6 and len(fake_gpu.calls("build")) == 6
+    profiles = {}
+    for e in manifest["components"]:
+        record = json.loads(record_path(out / e["engine"]).read_text())
+        assert record["component"] == e["component"]
+        profiles[e["component"]] = EngineKey(**{k: v for k, v in record["key"].items() if k != "format"}).profile_dict()
+    assert profiles["unet"]["sample"] == ((1, 4, 8, 8), (16, 4, 8, 8), (16, 4, 8, 8))
+    decoder = profiles["sam-mask-decoder"]
+    assert decoder["sparse_prompt_embeddings"] == ((1, 2, 64), (2, 4, 64), (8, 18, 64))
+    assert decoder["image_embeddings"] == ((1, 64, 16, 16),) * 3
+    # TensorRT was given, for each engine in turn, the ranges its cache key records.
+    given = [entry[1] for entry in fake_gpu.calls("profile")]
+    assert len(given) == 6
+    for component, ranges in zip(components, given):
+        assert ranges == {k: profiles[component][k] for k in ranges} and ranges
+
+
+def test_build_engines_with_a_bad_profile_stops_before_anything_is_written(fake_gpu, monkeypatch, tmp_path):
+    import magicseg_engine.engine.build as build
+
+    monkeypatch.setattr(build, "SAM_DECODER_DIMS", {"images": 1, "prompts": (1, 2, 8)})  # no tokens
+    out = tmp_path / "engines"
+    result = build_engines_cli(out)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no TensorRT optimisation profile for sam-mask-decoder with --batch-sizes 1,8,16" \
+        in lines[0] and "'tokens'" in lines[0]
+    # Refused before a model loaded: no export, no engine, not even the folder's files.
+    assert fake_gpu.log == [] and not (out.exists() and list(out.rglob("*.*")))
+
+
+def test_build_engines_checks_every_exported_profile_before_the_first_engine(fake_gpu, monkeypatch, tmp_path):
+    """An export whose shapes disagree with what build-engines expected (here: the decoder's
+    tokens axis left unsized) is refused after exporting and before any engine, the unet's
+    included, is built."""
+    import magicseg_engine.engine.build as build
+
+    monkeypatch.setitem(build.EXPORT_DIMS, "sam-mask-decoder", ("images", "prompts"))
+    monkeypatch.setattr(build, "SAM_DECODER_DIMS", {"images": 1, "prompts": (1, 2, 8)})
+    out = tmp_path / "engines"
+    result = build_engines_cli(out, "--components", "unet,sam-mask-decoder")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no TensorRT optimisation profile for sam-mask-decoder" in lines[0]
+    assert "'tokens' (in sparse_prompt_embeddings)" in lines[0]
+    assert fake_gpu.calls("parse_from_file") == [] and fake_gpu.calls("build") == []
+    assert not (out / "tensorrt").exists() and not (out / "manifest.json").exists()
+
+
 # --------------------------------------------------------------------------- on a GPU
 
 def test_runner_without_tensorrt_is_a_usage_error(monkeypatch, tmp_path):
@@ -699,3 +912,33 @@ def test_engine_matches_onnxruntime(export, tmp_path):
         x = torch.randn(3, 4, generator=gen)
         want = torch.from_numpy(session.run(["y"], {"x": x.numpy()})[0])
         torch.testing.assert_close(TensorRTRunner(half)(x=x.cuda())["y"].cpu(), want, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TENSORRT, reason="needs TensorRT and an NVIDIA GPU")
+def test_sam_decoder_engine_serves_its_whole_profile(sam_decoder, tmp_path):
+    """The decoder engine build-engines makes runs SamRefiner's smallest, default and largest
+    calls as onnxruntime does, and refuses one beyond the profile."""
+    import torch
+
+    from magicseg_engine.engine.build import profile_sizing
+    from magicseg_engine.engine.export import onnxruntime_session
+
+    sam, exported = sam_decoder
+    sizes, fixed = profile_sizing("sam-mask-decoder", (1, 8, 16))
+    path = build_engine(exported, tmp_path, sizes, "fp32", fixed_dims=fixed)
+    profile = engine_profile("sam-mask-decoder", exported.input_shapes, (1, 8, 16))
+    runner, session = TensorRTRunner(path), onnxruntime_session(exported)
+    gen = torch.Generator().manual_seed(0)
+    for end in range(3):
+        inputs = {name: torch.randn(shapes[end], generator=gen) for name, shapes in profile.items()}
+        want = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+        got = runner(**{k: v.cuda() for k, v in inputs.items()})
+        for name, expected in zip(("masks", "iou_predictions"), want):
+            # TensorRT may use TF32 for fp32 matmuls on Ampere and newer, hence the tolerance.
+            torch.testing.assert_close(got[name].cpu(), torch.from_numpy(expected), atol=2e-2, rtol=2e-2)
+    too_many = {name: torch.zeros(shapes[2], device="cuda") for name, shapes in profile.items()}
+    too_many["sparse_prompt_embeddings"] = torch.zeros((9, 4, 64), device="cuda")
+    too_many["dense_prompt_embeddings"] = torch.zeros((9, 64, 16, 16), device="cuda")
+    with pytest.raises(ValueError, match="outside the engine's profile"):
+        runner(**too_many)

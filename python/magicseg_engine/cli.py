@@ -263,6 +263,7 @@ def generate(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, float16 or bfloat16 (float32 on the CPU).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Diffusers folder or hub id of an SD 1.x, SD 2.x or SDXL model (presets sd15, sd21, sdxl).")] = None,
     independent_noise: Annotated[bool, typer.Option("--independent-noise", help="Draw the negative's noise separately, as the reference did.")] = False,
+    fast: Annotated[Optional[int], typer.Option("--fast", help="Fast mode: 0 the whole UNet every step; 1 and 2 reuse its deep features on every other / two of three steps (--backend torch). README: what each costs in mask agreement.")] = None,
     max_classes: Annotated[int, typer.Option("--max-classes", help="At most this many classes per pair.")] = 2,
     samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", help="Pairs per tar shard.")] = 256,
     encode_workers: Annotated[int, typer.Option("--encode-workers", help="Threads that JPEG-encode images.")] = 4,
@@ -327,7 +328,7 @@ def generate(
                     "source": "file" if prompts_file else None},
         "diffusion": {"steps": steps, "guidance": guidance, "scheduler": scheduler, "dtype": dtype, "model": model,
                       "height": size[0] if size else None, "width": size[1] if size else None,
-                      "independent_noise": independent_noise or None},
+                      "independent_noise": independent_noise or None, "fast": fast},
         "sam": {"model_type": sam_model, "checkpoint": sam_checkpoint},
         "masks": {"source": mask_source.value if mask_source else None, "refine_with_sam": False if no_sam else None,
                   "threshold": _parse_threshold(mask_threshold),
@@ -663,7 +664,7 @@ def build_engines_command(
     model: Annotated[Optional[str], typer.Option("--model", help="Diffusers folder or hub id of an SD 1.x, SD 2.x or SDXL model (presets sd15, sd21, sdxl).")] = None,
     fmt: Annotated[EngineFormat, typer.Option("--format", help="onnx, or tensorrt (ONNX, then engines).")] = EngineFormat.onnx,
     precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16 (half precision needs a GPU).")] = "fp32",
-    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="UNet/decoder batch range for TensorRT profiles.")] = "1,8,16",
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch range of the TensorRT profiles, in UNet rows, not pairs: with guidance a pair is 4 rows (positive and negative prompt, each with its unconditional row), so generate --batch-size N needs 4N in the range. Keep 1 in it: the text encoder, VAE decoder and SAM image encoder also run smaller batches. SAM's mask decoder has ranges of its own (prompts per image, tokens per prompt).")] = "1,8,16",
     components: Annotated[str, typer.Option("--components", help="Comma-separated components.")] =
         "unet,unet-capture,vae-decoder,text-encoder,sam-image-encoder,sam-mask-decoder",
     seed: Annotated[int, typer.Option("--seed", help="Seed of random weights (tiny and the -random presets).")] = 0,
@@ -1300,6 +1301,7 @@ def bench_schedulers_command(
     preset: Annotated[str, typer.Option("--preset", help="shapes: the only preset whose images can be checked against a truth.")] = "shapes",
     schedulers: Annotated[str, typer.Option("--schedulers", help="Comma-separated: ddim, dpm-solver++, euler, unipc; the first is the baseline.")] = "ddim,dpm-solver++,euler,unipc",
     steps: Annotated[str, typer.Option("--steps", help="Comma-separated step counts; the first is the baseline's.")] = "20,10,5",
+    fast: Annotated[str, typer.Option("--fast", help="Comma-separated fast levels (generate --fast); the first is the baseline's.")] = "0",
     pairs: Annotated[int, typer.Option("--pairs", help="Pairs rendered for every combination (the same prompts and seeds).")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the classes, floors and noise of the pairs.")] = 0,
     model: Annotated[Optional[str], typer.Option("--model", help="A train-world folder instead of the shipped weights.")] = None,
@@ -1323,26 +1325,32 @@ def bench_schedulers_command(
         counts = [int(s) for s in steps.split(",") if s.strip()]
     except ValueError:
         raise UsageError(f"--steps {steps!r}: give whole numbers separated by commas, e.g. 20,10,5") from None
-    check_grid(names, counts)
+    try:
+        levels = [int(s) for s in fast.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--fast {fast!r}: give fast levels separated by commas, e.g. 0,1,2") from None
+    check_grid(names, counts, levels)
     device = _resolve_device(device)
     config = load_preset(preset, {"seed": seed, "prompts": {"seed": seed}, "diffusion": {"model": model}})
     records = build_prompts(config.prompts, vocab=load_vocabulary("shapes"), num=pairs).records
     with progress_bar() as bar:
-        result = run_scheduler_sweep(config, records, names, counts, device, batch_size, progress=staged_progress(bar))
+        result = run_scheduler_sweep(config, records, names, counts, device, batch_size, progress=staged_progress(bar),
+                                     fast=levels)
     _write_bench_json(result, json_out)
     base = result["baseline"]
     table = Table(title=f"schedulers, {preset} preset, {pairs} pairs, masks by {result['mask_route']} "
-                        f"(baseline {base['scheduler']}, {base['steps']} steps)")
+                        f"(baseline {base['scheduler']}, {base['steps']} steps, fast {base['fast']})")
     # mIoU of the preset's masks; the negatives without their class; pixels shared outside the
     # object; positives showing every requested colour; render seconds (capturing every step).
     columns = {"mIoU": "mask_miou", "absent": "class_absent", "agree": "pixel_agreement_outside",
                "colour": "adherence_colour", "s/pair": "seconds_per_pair", "speed-up": "speedup"}
     table.add_column("scheduler", no_wrap=True)
     table.add_column("steps", justify="right")
+    table.add_column("fast", justify="right")
     for column in columns:
         table.add_column(column, justify="right")
     for row in result["rows"]:
-        table.add_row(row["scheduler"], str(row["steps"]),
+        table.add_row(row["scheduler"], str(row["steps"]), str(row["fast"]),
                       *(f"{row[k]:.2f}x" if k == "speedup" else f"{row[k]:.3f}" for k in columns.values()))
     stderr.print(table)
 
@@ -1501,7 +1509,7 @@ def bench_all_command(
 def bench_tune_command(
     preset: BenchPreset = "tiny", reps: BenchReps = 3, warmup: BenchWarmup = 1, device: BenchDevice = "auto",
     variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated backend:dtype[:layout[:attention]], e.g. torch:float16:nchw,compile:bfloat16:nhwc:flash (default: a GPU sweep of eager/compile, float16/bfloat16, NCHW/NHWC, auto/math attention; on the CPU, float32 NCHW, NHWC and math attention).")] = None,
-    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated pairs per UNet call.")] = "4,8,16",
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated pairs per UNet call. With guidance a pair is 4 UNet rows, and build-engines --batch-sizes counts rows: a TensorRT engine for batch B needs 4B there.")] = "4,8,16",
     pairs: Annotated[Optional[int], typer.Option("--pairs", help="Pairs per timed repetition (default: twice the largest batch).")] = None,
     reference_pairs: Annotated[int, typer.Option("--reference-pairs", help="Pairs the reference pipeline renders per repetition.")] = 4,
     encode_workers: Annotated[int, typer.Option("--encode-workers", help="Threads that JPEG-encode images.")] = 4,

@@ -152,20 +152,47 @@ def _graph(fn, types, dmath, *, paths, index_paths, aug: Augment, rank: int, wor
     return (*images, labels, meta, source, top_label, *shapes)
 
 
+def _on_gpu(tensors) -> bool:
+    """Whether a DALI TensorList (or Tensor) is in GPU memory: with device_id set, the `mixed`
+    decoder's outputs and everything computed from them (crops, the label maximum)."""
+    from nvidia.dali.backend import TensorGPU, TensorListGPU
+
+    return isinstance(tensors, (TensorListGPU, TensorGPU))
+
+
+def _host(tensors):
+    """A DALI TensorList (or Tensor) in host memory, where numpy can read it.
+
+    numpy cannot read a GPU TensorList (np.array of one is not its data), so it is copied to
+    the host with as_cpu(). A CPU TensorList's as_cpu() is the list itself, and DALI versions
+    whose CPU lists lack the method get them back unchanged.
+    """
+    as_cpu = getattr(tensors, "as_cpu", None)
+    return tensors if as_cpu is None else as_cpu()
+
+
+def _numpy(tensors) -> np.ndarray:
+    """A dense DALI TensorList, CPU or GPU, as one numpy array [batch, ...]."""
+    return np.array(_host(tensors).as_tensor())
+
+
 def _to_torch(tensors, device: torch.device) -> torch.Tensor:
-    """A dense DALI TensorList as a torch tensor on `device`."""
-    if device.type == "cuda":
+    """A dense DALI TensorList, CPU or GPU, as a torch tensor on `device`."""
+    if device.type == "cuda" and _on_gpu(tensors):
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
+        # GPU to GPU without a trip through the host, ordered on torch's current stream.
         dense = tensors.as_tensor()
         out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
         return out
-    return torch.from_numpy(np.array(tensors.as_tensor()))
+    # feed_ndarray would write a CPU list's bytes to a CUDA address as if it were host memory,
+    # so everything else goes through numpy.
+    return torch.from_numpy(_numpy(tensors)).to(device)
 
 
 def _bytes(tensors) -> list[bytes]:
-    return [np.array(t).tobytes() for t in tensors]
+    return [np.array(t).tobytes() for t in _host(tensors)]
 
 
 class DaliPairLoader:
@@ -279,8 +306,10 @@ class DaliPairLoader:
     def _convert(self, outputs, count: int) -> dict | None:
         image, twin, labels, meta, source, top_label, *shapes = outputs
         classes, keys, good = [], [], []
-        top = np.array(top_label.as_tensor()).reshape(-1)
-        shape_rows = [np.array(s.as_tensor()) for s in shapes]
+        # On a GPU the label maximum comes from the GPU-decoded mask; the shapes are peeked on
+        # the CPU. Both are read through _numpy, which handles either.
+        top = _numpy(top_label).reshape(-1)
+        shape_rows = [_numpy(s) for s in shapes]
         for i, (meta_bytes, src) in enumerate(zip(_bytes(meta)[:count], _bytes(source)[:count])):
             key = src.decode("utf-8", "replace").rsplit(":", 1)[-1].partition(".")[0]
             names = json.loads(meta_bytes)["classes"]  # validated when indexed
