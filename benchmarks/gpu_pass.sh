@@ -1,7 +1,23 @@
 #!/usr/bin/env bash
-# The GPU rows of benchmarks/results, on a CUDA machine where magicseg-engine is installed:
+# The GPU rows of benchmarks/results.
 #
-#   bash benchmarks/gpu_pass.sh [tune|all|both|world|families] [PRESET]      (default: both sd15-random)
+# On a GPU machine lent for a few minutes, bare and without network (wheels from
+# `bash benchmarks/wheelhouse.sh`, run beforehand where pip reaches an index, travel in .whl/):
+#
+#   bash benchmarks/gpu_pass.sh                          (the same as: bash benchmarks/gpu_pass.sh headline)
+#
+# runs benchmarks/gpu_pass.py, the staged pass: install (the wheels, then this project in editable
+# mode over the machine's torch), correctness (the `gpu` tests, Triton kernels first), headline
+# (`bench tune` on sd15-random, bf16 at batch 8 and 16 against the reference pipeline, the UNet's
+# TFLOP/s against a bf16 matmul measured in the same run), extras while time is left. Each stage
+# has its own budget and writes its JSON the moment it ends, into $OUT when that is set, else
+# benchmarks/results/gpu-pass/; the whole stays under 7 minutes. Options after `headline` go to the
+# driver, e.g. `bash benchmarks/gpu_pass.sh headline --dry-run` (tiny preset on the CPU, pip not run)
+# or `--stages install,headline --total-budget 300`; see `python3 benchmarks/gpu_pass.py --help`.
+#
+# Where magicseg-engine is installed already, the longer modes:
+#
+#   bash benchmarks/gpu_pass.sh [tune|all|both|world|families] [PRESET]      (PRESET default: sd15-random)
 #
 # tune: backend x precision x memory layout x attention kernel x batch size, prompts to shards
 #       with masks, against the reference pipeline; UNet TFLOP/s and the fraction of the dense peak.
@@ -18,15 +34,23 @@
 #   TUNE_ARGS="--variants torch:bfloat16,compile:bfloat16 --batch-sizes 8,16" bash benchmarks/gpu_pass.sh tune
 set -euo pipefail
 
-what="${1:-both}"
-preset="${2:-sd15-random}"
+what="${1:-headline}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 results="$here/results"
 python="${PYTHON:-python}"
+# GPU images often have python3 alone.
+if [[ -z "${PYTHON:-}" ]] && ! command -v "$python" >/dev/null; then
+  python=python3
+fi
 case "$what" in
+  headline|--*)
+    if [[ $# -gt 0 && "$1" == headline ]]; then shift; fi
+    exec "$python" "$here/gpu_pass.py" "$@" ;;
   tune|all|both|world|families) ;;
-  *) echo "usage: bash benchmarks/gpu_pass.sh [tune|all|both|world|families] [PRESET]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_pass.sh [headline [OPTIONS]] | [tune|all|both|world|families] [PRESET]" >&2
+     exit 2 ;;
 esac
+preset="${2:-sd15-random}"
 
 gpu="$("$python" - <<'EOF'
 import re, sys

@@ -24,11 +24,16 @@ def headline(name: str, data: dict) -> list[tuple[str, str, str]]:
                  f"({e['unet_rows_per_step']} rows); "
                  + (f"{100 * frac:.1f}% of the FLOP ceiling" if frac is not None else "no FLOP ceiling for this device"))]
     if data.get("benchmark") == "masks":
-        c, s = data["capture"], data["sam"]
-        return [("UNet denoising with attention capture vs without", f"{1 + c['overhead']:.2f}x time",
-                 f"{c['layers']} layers, {c['kernel']}"),
-                ("SAM batched vs SamPredictor one prompt at a time", f"{s['speedup']:.2f}x",
-                 f"{s['images']} images")]
+        c = data["capture"]
+        size = "x".join(map(str, c["size"])) if "size" in c else "preset size"
+        rows = [("attention capture: added time per denoising step", f"{100 * c['overhead']:.1f}%",
+                 f"{c['layers']} layers, {c['kernel']}, {size}"
+                 + (f"; positives only {100 * c['overhead_positives_only']:.1f}%" if "overhead_positives_only" in c else "")
+                 + (f"; CPU seconds {100 * c['overhead_cpu_seconds']:.1f}%" if "overhead_cpu_seconds" in c else ""))]
+        if "sam" in data:
+            s = data["sam"]
+            rows.append(("SAM batched vs SamPredictor one prompt at a time", f"{s['speedup']:.2f}x", f"{s['images']} images"))
+        return rows
     if data.get("benchmark") == "backends":
         others = [b for b in data.get("backends", ["torch", "onnxruntime"]) if b != "torch"]
         return [(f"{r['component']} batch {r['batch']}, {b} vs eager torch", f"{r[b + '_speedup']:.2f}x",
@@ -99,7 +104,8 @@ def headline(name: str, data: dict) -> list[tuple[str, str, str]]:
                 for r in last]
     if data.get("benchmark") == "schedulers":
         base = data["baseline"]
-        return [(f"{r['scheduler']}, {r['steps']} steps vs {base['scheduler']}, {base['steps']}: speed-up "
+        return [(f"{r['scheduler']}, {r['steps']} steps, fast {r.get('fast', 0)} vs {base['scheduler']}, {base['steps']}, "
+                 f"fast {base.get('fast', 0)}: speed-up "
                  f"(mask mIoU, class absent)", f"{r['speedup']:.2f}x",
                  f"{r['mask_miou']:.3f}, {r['class_absent']:.3f}; {data['pairs']} pairs, masks by {data['mask_route']}")
                 for r in data["rows"]]
@@ -211,11 +217,79 @@ def chart_tune(data: dict, out: Path) -> Path:
     return _save(fig, data, "tune", out)
 
 
+def _where(data: dict) -> str:
+    machine = data.get("machine", {})
+    return machine.get("gpu") or f"CPU ({machine.get('cpu_count') or machine.get('logical_cpus')} cores)"
+
+
+def at_a_glance(results: list[tuple[str, dict]]) -> list[str]:
+    """The page's first section: end to end against the reference loop and the FLOP ceiling per
+    device and preset, what attention capture adds to a denoising step, and the fast-mode table."""
+    lines = ["## At a glance", ""]
+    tunes = [(n, d) for n, d in results if d.get("benchmark") == "tune" and "best" in d]
+    if tunes:
+        lines += ["| device | preset | best variant, batch | pairs/s | reference pairs/s | end to end (aim 8x) "
+                  "| UNet, fraction of the dense peak (aim 50%) | file |", "|---|---|---|---|---|---|---|---|"]
+        for name, d in tunes:
+            best, ref = d["best"], d["reference"]["pairs_per_s"]
+            ratio = best["pairs_per_s"] / ref
+            frac = d.get("unet_best", {}).get("fraction_of_peak")
+            unet = "no peak known for this device" if frac is None else f"{100 * frac:.1f}% ({50 - 100 * frac:+.1f} points to go)"
+            lines.append(f"| {_where(d)} | {d.get('preset', '?')} | {best['variant']}, {best['batch_size']} "
+                         f"| {best['pairs_per_s']:.3g} | {ref:.3g} | {ratio:.2f}x ({ratio / 8:.0%} of the aim) | {unet} | {name} |")
+        lines.append("")
+    masks = [(n, d) for n, d in results if d.get("benchmark") == "masks" and "overhead_positives_only" in d.get("capture", {})]
+    if masks:
+        lines += ["Attention capture, time added to denoising (same run, modes taking turns):", "",
+                  "| device | preset, size, steps | both images (generate) | positives only | kernel | file |",
+                  "|---|---|---|---|---|---|"]
+        for name, d in masks:
+            c = d["capture"]
+            lines.append(f"| {_where(d)} | {d.get('settings', {}).get('preset', '?')}, {'x'.join(map(str, c['size']))}, "
+                         f"{c['steps']} | {100 * c['overhead']:.1f}% | {100 * c['overhead_positives_only']:.1f}% "
+                         f"| {c['kernel']} | {name} |")
+        lines.append("")
+    fast = [(n, d) for n, d in results if d.get("benchmark") == "schedulers" and any(r.get("fast") for r in d["rows"])]
+    for name, d in fast:
+        lines += [f"Fast mode (`generate --fast`), {d['preset']} preset, {d['pairs']} pairs, masks by {d['mask_route']} "
+                  f"({name}):", "", "| scheduler, steps | fast | speed-up | mask mIoU | class absent from negatives |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['scheduler']}, {r['steps']} | {r.get('fast', 0)} | {r['speedup']:.2f}x | {r['mask_miou']:.3f} "
+                  f"| {r['class_absent']:.3f} |" for r in d["rows"]]
+        lines.append("")
+    return lines if len(lines) > 2 else []
+
+
+GPU_PASS = """## Running the GPU pass
+
+On a GPU machine that is bare and has no network, the pass needs the wheels its image lacks.
+Where pip reaches an index, from the repository root:
+
+    bash benchmarks/wheelhouse.sh          # .whl/: 16 wheels, about 12 MB, ignored by git
+
+Then on the GPU machine, from a copy of the repository with `.whl/` beside it:
+
+    bash benchmarks/gpu_pass.sh
+
+It installs the wheels and the project (editable, over the machine's torch), runs the `gpu`
+tests (Triton kernels first), measures the headline (`bench tune` on sd15-random, bf16 at batch 8
+and 16 against the reference pipeline, the UNet's TFLOP/s against a bf16 matmul measured in the
+same run), then extras while time is left, each stage within its own budget and the whole under
+7 minutes. Each stage writes its file the moment it ends, into `$OUT` when that is set, else
+`benchmarks/results/gpu-pass/`: `install.json`, `correctness.json`, `headline.json`,
+`extras.json`, `pass.json` (plan, status and time of each stage) and `log.txt`. `headline.json`
+is a `bench tune` result: copy it here under the name in its `pass_summary.results_name` and run
+`python benchmarks/summarize.py`. A rehearsal on the CPU (tiny preset, pip not run), about a
+minute, from outside the checkout: `python /path/to/checkout/benchmarks/gpu_pass.py --dry-run --out /tmp/gpu-pass`.
+"""
+
+
 def main() -> None:
     lines = ["# Benchmark results", "",
              "Generated by `python benchmarks/summarize.py` from the JSON files here; each file also records",
              "the machine, library versions, repetitions and the spread. Ratios compare this engine with a",
              "baseline measured in the same run.", ""]
+    lines += at_a_glance([(p.stem, json.loads(p.read_text())) for p in sorted(RESULTS.glob("*.json"))])
     for path in sorted(RESULTS.glob("*.json")):
         data = json.loads(path.read_text())
         machine = data.get("machine", {})
@@ -234,9 +308,10 @@ def main() -> None:
         lines += ["## GPU", "", "No GPU result yet: no GPU machine has run these benchmarks. The `sd15-random`",
                   "numbers (pairs/s end to end at 512×512, 20 steps, guidance 7.5, for each backend, precision,",
                   "memory layout and batch size; UNet TFLOP/s and the fraction of the dense FLOP ceiling) come",
-                  "from `bash benchmarks/gpu_pass.sh` on a GPU, which runs `bench tune` and `bench all` with",
-                  "`--preset sd15-random` and writes `tune-…` and `all-sd15-random-<gpu>-<date>.json` here.", ""]
-    (RESULTS / "README.md").write_text("\n".join(lines))
+                  "from `bash benchmarks/gpu_pass.sh` on a GPU (the staged pass below; `gpu_pass.sh both` runs the",
+                  "whole `bench tune` and `bench all` with `--preset sd15-random`).", ""]
+    lines += GPU_PASS.splitlines()
+    (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

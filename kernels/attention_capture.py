@@ -51,9 +51,10 @@ def class_attention_layers(queries: list[torch.Tensor], keys: list[torch.Tensor]
     `queries[i]` [R, H, N, D] and `keys[i]` [B, H, L, D] are one layer's; row r's queries meet
     the keys of row r mod B (the negatives' queries are read against the positive prompts' keys
     without copying those keys), and `token_index` [B, C, T] is the keys' rows'. The torch path
-    for the CPU: one stacked product per step instead of a dozen small operations per layer,
-    and the softmax's normaliser from a log-sum-exp, so only the class columns are
-    exponentiated and no [R, H, N, L] probability tensor is written.
+    for the CPU: one stacked product and one softmax per step instead of a dozen small
+    operations per layer. On the CPU small operations cost more than the arithmetic: a
+    log-sum-exp normaliser with only the class columns exponentiated took more time than the
+    one fused softmax (capture overhead 7.4% against 5.4% of a tiny denoising step).
     """
     q = torch.stack(queries).float() if len(queries) > 1 else queries[0].float().unsqueeze(0)
     k = torch.stack(keys).float() if len(keys) > 1 else keys[0].float().unsqueeze(0)
@@ -63,10 +64,9 @@ def class_attention_layers(queries: list[torch.Tensor], keys: list[torch.Tensor]
         raise ValueError(f"{r} query rows are not groups of the keys' {b} rows and index {tuple(token_index.shape)}")
     c, t = token_index.shape[1:]
     logits = torch.matmul(q.reshape(layers, r // b, b, h, n, d), k.unsqueeze(1).transpose(-1, -2))
-    logits = logits.mul_(scale)  # [layers, R/B, B, H, N, L]
-    normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+    probs = torch.softmax(logits.mul_(scale), dim=-1)  # [layers, R/B, B, H, N, L]
     columns = token_index.clamp(min=0).long().view(1, 1, b, 1, 1, c * t).expand(layers, r // b, b, h, n, c * t)
-    probs = torch.gather(logits, -1, columns).sub_(normaliser).exp_().sum(dim=(0, 3))  # [R/B, B, N, C*T]
+    probs = torch.gather(probs, -1, columns).sum(dim=(0, 3))  # [R/B, B, N, C*T]
     probs = probs.mul_((token_index >= 0).view(1, b, 1, c * t).to(probs.dtype) / h)
     return probs.view(r // b, b, n, c, t).sum(-1).transpose(-1, -2).reshape(r, c, n)
 
