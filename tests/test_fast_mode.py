@@ -262,3 +262,21 @@ def test_generate_fast_through_the_cli(tmp_path):
         result = generate(tmp_path / "refused", *extra)
         assert result.exit_code == 2 and message in result.output
         assert not (tmp_path / "refused").exists()
+
+
+def test_bench_fast_through_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from magicseg_engine.cli import app
+
+    out = tmp_path / "fast.json"
+    result = CliRunner().invoke(app, ["bench", "fast", "--preset", "tiny", "--levels", "1", "--pairs", "2", "--reps", "1",
+                                      "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    (row,) = saved["levels"]
+    assert row["level"] == 1 and (row["full_steps"], row["cached_steps"]) == (2, 2)
+    assert row["speedup"] == pytest.approx(row["pairs_per_s"] / saved["full"]["pairs_per_s"])
+    for levels in ("0", "3", "a"):
+        result = CliRunner().invoke(app, ["bench", "fast", "--levels", levels, "--device", "cpu"])
+        assert result.exit_code == 2 and "--levels" in result.output

@@ -1184,6 +1184,54 @@ def bench_masks_command(
     stderr.print(line, highlight=False)
 
 
+@bench_app.command("fast")
+@reports_usage_errors
+def bench_fast_command(
+    preset: Annotated[str, typer.Option("--preset", help="Any generate preset: sd15-random for the real architecture.")] = "tiny",
+    model: BenchModel = None,
+    levels: Annotated[str, typer.Option("--levels", help="Comma-separated fast levels compared with level 0.")] = "1,2",
+    pairs: Annotated[int, typer.Option("--pairs", help="Pairs in the compared batch.")] = 4,
+    size: Annotated[Optional[int], typer.Option("--size", help="Square image side (preset default if unset).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps (preset default if unset).")] = None,
+    reps: Annotated[int, typer.Option("--reps", help="Timed renderings per mode, the modes taking turns.")] = 3,
+    device: BenchDevice = "auto",
+    json_out: BenchJson = None,
+) -> None:
+    """Fast mode against full mode on the same pairs: pairs/s, attention-map and mask agreement, image PSNR."""
+    from magicseg_engine.bench.fast import fast_mode_agreement
+    from magicseg_engine.config import load_preset
+    from magicseg_engine.generate.fast import FAST_LEVELS
+    from magicseg_engine.pipeline import build_sampler
+    from magicseg_engine.prompts import build_prompts
+    from magicseg_engine.vocab import load_vocabulary
+
+    try:
+        chosen = [int(v) for v in levels.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--levels {levels!r}: give fast levels separated by commas, e.g. 1,2") from None
+    if not chosen or any(v not in FAST_LEVELS or v == 0 for v in chosen):
+        raise UsageError(f"--levels {levels!r}: choose from {', '.join(str(v) for v in sorted(FAST_LEVELS) if v)}")
+    if min(pairs, reps, 1 if size is None else size, 1 if steps is None else steps) <= 0:
+        raise UsageError("--pairs, --reps, --size and --steps must be positive")
+    device = _resolve_device(device)
+    config = load_preset(preset, {"diffusion": {"height": size, "width": size, "steps": steps, "model": model}})
+    records = build_prompts(config.prompts, vocab=load_vocabulary("voc" if preset != "shapes" else "shapes"),
+                            num=pairs).records
+    sampler = build_sampler(config.model_copy(update={"masks": config.masks.model_copy(update={"source": "none"})}),
+                            device)
+    m = config.masks
+    options = {"steps": m.capture_steps, "factors": m.attention_factors, "self_attention_power": m.self_attention_power}
+    result = fast_mode_agreement(sampler, [r.prompt for r in records], [r.negative_prompt for r in records],
+                                 [r.seed for r in records], [tuple(r.classes) for r in records], chosen,
+                                 capture_options=options, threshold=m.threshold, reps=reps)
+    result["settings"] = {"preset": preset, "pairs": pairs, "levels": chosen}
+    _write_bench_json(result, json_out)
+    for row in result["levels"]:
+        iou = "n/a" if row["mask_iou"] is None else f"{row['mask_iou']:.3f}"
+        stderr.print(f"fast {row['level']}: {row['speedup']:.2f}x the pairs/s of full mode; mask IoU {iou}, "
+                     f"map cosine {row['map_cosine']:.4f}, PSNR {row['image_psnr']:.1f} dB against it", highlight=False)
+
+
 @bench_app.command("backends")
 @reports_usage_errors
 def bench_backends_command(
