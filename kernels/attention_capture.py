@@ -9,6 +9,9 @@ k [R, H, L, D] (L text tokens), the map of class c in row r is
 registers: the full [R, H, N, L] probability tensor (tens of MB per layer for SD at 64x64
 latents) is never written to memory. `class_attention_reference` is the plain torch version it
 is tested against.
+
+Dots (precision.py): float32 IEEE for float32 inputs and interpreted; compiled with 16-bit inputs,
+q and k as they are and the probabilities as float16, with float32 sums.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import os
 
 import torch
 
+from magicseg_engine.kernels.precision import IEEE, dot_precision
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only torch wheels come without Triton; the reference still works.
     triton = None
+else:
+    from magicseg_engine.kernels.precision import dot_acc
 
 # Read once, like Triton itself: the interpreter is chosen when a kernel is decorated.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -83,7 +90,7 @@ if triton is not None:
         si_r, si_c, si_t,
         so_r, so_c, so_n,
         BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-        ACCUMULATE: tl.constexpr,
+        ACCUMULATE: tl.constexpr, DOT: tl.constexpr,
     ):
         # One program: BLOCK_N positions of one row, all heads.
         block = tl.program_id(0)
@@ -111,18 +118,24 @@ if triton is not None:
             for d0 in range(0, D, BLOCK_D):
                 d_valid = d0 + d_offs < D
                 qb = tl.load(q_base + n_offs[:, None] * sq_n + (d0 + d_offs)[None, :] * sq_d,
-                             mask=n_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
+                             mask=n_valid[:, None] & d_valid[None, :], other=0.0)
                 kb = tl.load(k_base + l_offs[:, None] * sk_l + (d0 + d_offs)[None, :] * sk_d,
-                             mask=l_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
-                # float32 IEEE products for every input type: TF32 would cost ~3 decimal digits of
-                # the logits, and Triton's interpreter multiplies bfloat16 operands wrongly. The
-                # matmul is [BLOCK_N, D] x [D, L], small next to the layer's own attention.
-                logits += tl.dot(qb, tl.trans(kb), input_precision="ieee")
+                             mask=l_valid[:, None] & d_valid[None, :], other=0.0)
+                # q and k as they come, in every DOT mode: the products are exact and only the
+                # float32 sums' order differs from the reference. The matmul is [BLOCK_N, D] x
+                # [D, L], small next to the layer's own attention.
+                logits = dot_acc(qb, tl.trans(kb), logits, DOT)
             logits = tl.where(l_valid[None, :], logits * scale, float("-inf"))
             peak = tl.max(logits, axis=1)
             p = tl.exp(logits - peak[:, None])
             p = p / tl.sum(p, axis=1)[:, None]
-            acc += tl.dot(p, select, input_precision="ieee")
+            if DOT == "ieee":
+                acc = dot_acc(p, select, acc, DOT)
+            else:
+                # Probabilities lie in [0, 1], where float16 keeps 3 more bits than bfloat16
+                # (relative error at most 2**-11, absolute 2**-25 below 2**-14); the token counts in
+                # `select` are small integers, exact in either.
+                acc = dot_acc(p, select, acc, "fp16")
 
         result = acc * (weight / H)
         out_ptrs = out_ptr + row * so_r + c_offs[None, :] * so_c + n_offs[:, None] * so_n
@@ -145,9 +158,10 @@ def class_attention(q: torch.Tensor, k: torch.Tensor, token_index: torch.Tensor,
     """The Triton version of `class_attention_reference`, times `weight`, added into `out` when given.
 
     q and k may be float16, bfloat16 or float32 and any strides (the UNet's head-split views
-    are passed without copies); arithmetic is float32. `out` must be a float32 [R, C, N]
-    tensor; it is updated in place and returned, so a caller accumulates over layers and steps
-    without temporaries. Token positions must lie in [-1, L).
+    are passed without copies); arithmetic is float32, but for the probabilities, which a
+    compiled kernel with 16-bit inputs rounds to float16 before their class sums. `out` must be
+    a float32 [R, C, N] tensor; it is updated in place and returned, so a caller accumulates
+    over layers and steps without temporaries. Token positions must lie in [-1, L).
     """
     if triton is None:
         raise RuntimeError("Triton is not installed; use class_attention_reference")
@@ -171,7 +185,12 @@ def class_attention(q: torch.Tensor, k: torch.Tensor, token_index: torch.Tensor,
     token_index = token_index.to(device=q.device, dtype=torch.int32)
     # tl.dot wants every dimension >= 16.
     block_l = max(16, triton.next_power_of_2(length))
-    block_d = max(16, min(64, triton.next_power_of_2(d)))
+    # Chosen here, at launch: the same kernel compiles for each mode.
+    dot = dot_precision(torch.promote_types(q.dtype, k.dtype), _INTERPRETED)
+    compiled = q.device.type == "cuda" and not _INTERPRETED
+    # IEEE products hold their float32 operands in registers: compiled, chunks of 16 keep them
+    # from spilling (ptxas, sm_90, 8 warps); 16-bit operands fit chunks of 64.
+    block_d = max(16, min(16 if compiled and dot == IEEE else 64, triton.next_power_of_2(d)))
     block_c = max(16, triton.next_power_of_2(c))
     # The [BLOCK_N, BLOCK_L] logits dominate registers; 77 tokens pad to 128.
     block_n = 64 if block_l <= 128 else 32
@@ -182,6 +201,8 @@ def class_attention(q: torch.Tensor, k: torch.Tensor, token_index: torch.Tensor,
         float(scale), float(weight),
         *q.stride(), *k.stride(), *token_index.stride(), *out.stride(),
         BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_C=block_c,
-        ACCUMULATE=accumulate,
+        ACCUMULATE=accumulate, DOT=dot,
+        # 4 warps spill the [64, 128] logits and their exponentials; 8 do not.
+        num_warps=8 if compiled else 4,
     )
     return out

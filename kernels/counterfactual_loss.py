@@ -14,6 +14,8 @@ reduces each pair to its dot product and two norms, in float32 whatever the inpu
 keeps those three numbers per row; the backward turns them into the gradient in one pass over D.
 `counterfactual_loss_reference` is the plain torch version it is tested against, and what runs
 on the CPU unless Triton is asked for.
+
+Dots: none (no tl.dot); row reductions of float32 products in float32, whatever the inputs' dtype.
 """
 
 from __future__ import annotations

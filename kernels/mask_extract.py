@@ -29,17 +29,23 @@ Agreement between the two paths: the normalised taps are computed identically, b
 sum may be rounded differently (fused multiply-adds on either side), so the upsampled values can
 differ in the last bit or two. Labels then differ only at pixels where two classes tie or a value
 sits on its threshold to within that rounding; the tests check exactly this.
+
+Dots: none (no tl.dot); elementwise float32 arithmetic and integer histograms.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+# Read once, like Triton itself: the interpreter is chosen when a kernel is decorated.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 HIST_BINS = 256
 # Reported as the threshold of invalid (padding) classes: no normalised value exceeds it.
@@ -522,6 +528,9 @@ def extract_masks(
         return extract_masks_reference(
             maps, valid, size, threshold, num_positive, num_negative, return_normalized
         )
+    if not maps.is_cuda and not _INTERPRETED:
+        raise RuntimeError("the Triton kernels need CUDA tensors, "
+                           "or TRITON_INTERPRET=1 set before this module is imported")
     maps, valid, H, W = _prepare(maps, valid, size, threshold, num_positive, num_negative)
     B, C, h, w = maps.shape
     device = maps.device

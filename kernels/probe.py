@@ -2,6 +2,8 @@
 
 `doctor` runs it in a subprocess, once with TRITON_INTERPRET=1 on the CPU and once compiled
 on the GPU when there is one.
+
+Dots: none (no tl.dot); elementwise arithmetic in the inputs' dtype.
 """
 
 from __future__ import annotations

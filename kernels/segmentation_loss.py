@@ -28,6 +28,9 @@ classes. The [B, K, P] logits (80 MB in float32 for 8 images of 128x128 pixels a
 candidates, per decoder layer) exist neither in the forward nor in the backward.
 `segmentation_losses_reference` is the plain torch version that materialises them; it is what
 runs on the CPU unless Triton is asked for.
+
+Dots (precision.py): float32 IEEE for float32 inputs and interpreted; compiled with 16-bit inputs,
+operands in that type (the backward's per-logit gradients rounded to it) and float32 sums.
 """
 
 from __future__ import annotations
@@ -37,11 +40,15 @@ import os
 import torch
 import torch.nn.functional as F
 
+from magicseg_engine.kernels.precision import IEEE, dot_precision
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only torch wheels come without Triton; the reference still works.
     triton = None
+else:
+    from magicseg_engine.kernels.precision import dot_acc
 
 # Read once, like Triton itself: the interpreter is chosen when a kernel is decorated.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -109,7 +116,7 @@ if triton is not None:
     @triton.jit
     def _logit_tile(pix_base, cls_base, p_offs, k_offs, P, K, D, scale, bias,
                     sp_p, sp_d, sc_k, sc_d,
-                    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
         """[BLOCK_P, BLOCK_K] float32 logits of one image; rows and columns out of range are 0 + bias."""
         d_offs = tl.arange(0, BLOCK_D)
         acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
@@ -117,12 +124,12 @@ if triton is not None:
         for d0 in range(0, D, BLOCK_D):
             d_valid = d0 + d_offs < D
             pb = tl.load(pix_base + p_offs[:, None] * sp_p + (d0 + d_offs)[None, :] * sp_d,
-                         mask=(p_offs < P)[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
+                         mask=(p_offs < P)[:, None] & d_valid[None, :], other=0.0)
             cb = tl.load(cls_base + k_offs[:, None] * sc_k + (d0 + d_offs)[None, :] * sc_d,
-                         mask=(k_offs < K)[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
-            # float32 IEEE products for every input type: TF32 would cost ~3 decimal digits of the
-            # logits, and Triton's interpreter multiplies bfloat16 operands wrongly.
-            acc += tl.dot(pb, tl.trans(cb), input_precision="ieee")
+                         mask=(k_offs < K)[:, None] & d_valid[None, :], other=0.0)
+            # The inputs' own values in every DOT mode, so the products are exact and only the
+            # float32 sums' order differs from the reference.
+            acc = dot_acc(pb, tl.trans(cb), acc, DOT)
         return acc * scale + bias
 
     @triton.jit
@@ -166,7 +173,7 @@ if triton is not None:
         sc_b, sc_k, sc_d,
         sl_b, sl_p,
         so_b, so_t, so_s, so_k,
-        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
     ):
         # One program: BLOCK_P pixels x BLOCK_K candidates of one image. It writes its own slot of
         # the partial sums rather than adding atomically, so the result does not depend on timing.
@@ -176,7 +183,7 @@ if triton is not None:
         p_offs = tile * BLOCK_P + tl.arange(0, BLOCK_P)
         k_offs = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
         x = _logit_tile(pix_ptr + b * sp_b, cls_ptr + b * sc_b, p_offs, k_offs, P, K, D, scale, bias,
-                        sp_p, sp_d, sc_k, sc_d, BLOCK_P, BLOCK_K, BLOCK_D)
+                        sp_p, sp_d, sc_k, sc_d, BLOCK_P, BLOCK_K, BLOCK_D, DOT)
         valid, positive = _targets(lab_ptr, b, p_offs, k_offs, P, K, ignore_index, sl_b, sl_p)
         focal, _, prob, _ = _focal_terms(x, positive, a_pos, a_neg, gamma)
         prob = tl.where(valid, prob, 0.0)
@@ -193,14 +200,14 @@ if triton is not None:
     def _grad_logit_tile(pix_ptr, cls_ptr, lab_ptr, coef_ptr, dice_ptr, b, p_offs, k_offs,
                          P, K, D, scale, bias, a_pos, a_neg, gamma, ignore_index,
                          sp_b, sp_p, sp_d, sc_b, sc_k, sc_d, sl_b, sl_p, sd_b, sd_s,
-                         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
         """d(loss)/d(<pixel, class>) of one tile, from recomputed logits; 0 outside the valid entries.
 
         coef_ptr holds d(loss)/d(focal sum); dice_ptr [B, 2, K] holds u and v with
         d(loss)/d(sigmoid(x)) = u - v * t (the dice quotient's derivative, already scaled).
         """
         x = _logit_tile(pix_ptr + b * sp_b, cls_ptr + b * sc_b, p_offs, k_offs, P, K, D, scale, bias,
-                        sp_p, sp_d, sc_k, sc_d, BLOCK_P, BLOCK_K, BLOCK_D)
+                        sp_p, sp_d, sc_k, sc_d, BLOCK_P, BLOCK_K, BLOCK_D, DOT)
         valid, positive = _targets(lab_ptr, b, p_offs, k_offs, P, K, ignore_index, sl_b, sl_p)
         _, d_focal, _, d_prob = _focal_terms(x, positive, a_pos, a_neg, gamma)
         k_valid = k_offs < K
@@ -209,6 +216,22 @@ if triton is not None:
         coef = tl.load(coef_ptr)
         g = coef * d_focal + (u[None, :] - v[None, :] * positive.to(tl.float32)) * d_prob
         return tl.where(valid, g * scale, 0.0)
+
+    @triton.jit
+    def _grad_operand(g, DOT: tl.constexpr):
+        """A tile of per-logit gradients as a dot operand, and the factor its products take.
+
+        With 16-bit operands the tile is divided by its largest magnitude before it is rounded:
+        the gradients are about 1 / (K * valid pixels) each (1e-7 for 8 images of 128x128 and
+        150 candidates), where float16 has no normal numbers left. bfloat16, with float32's
+        range, takes the same path.
+        """
+        if DOT == "ieee":
+            return g, 1.0
+        else:
+            peak = tl.max(tl.max(tl.abs(g), axis=1), axis=0)
+            peak = tl.where(peak > 0, peak, 1.0)
+            return g * (1.0 / peak), peak
 
     @triton.jit
     def _seg_loss_grad_pixels_kernel(
@@ -220,11 +243,14 @@ if triton is not None:
         sl_b, sl_p,
         sd_b, sd_s,
         sg_b, sg_p, sg_d,
-        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+        ONE_K_BLOCK: tl.constexpr,
     ):
         # One program: BLOCK_P pixels of one image, all candidates. grad[p] = sum_k g[p, k] * classes[k]
-        # is built one candidate block at a time, chunk by chunk of D, in the program's own rows of
-        # the output: a [BLOCK_P, D] accumulator would not fit in registers for D = 512 or 768.
+        # is written chunk by chunk of D: a [BLOCK_P, D] accumulator would not fit in registers for
+        # D = 512 or 768. With ONE_K_BLOCK (K <= BLOCK_K, up to 128 candidates) the tile's logits
+        # are computed once and each chunk is stored once; with more candidates, each block of
+        # them adds its share into the program's own rows of the output.
         tile = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         p_offs = tile * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -235,17 +261,20 @@ if triton is not None:
             g = _grad_logit_tile(pix_ptr, cls_ptr, lab_ptr, coef_ptr, dice_ptr, b, p_offs, k_offs,
                                  P, K, D, scale, bias, a_pos, a_neg, gamma, ignore_index,
                                  sp_b, sp_p, sp_d, sc_b, sc_k, sc_d, sl_b, sl_p, sd_b, sd_s,
-                                 BLOCK_P, BLOCK_K, BLOCK_D)
+                                 BLOCK_P, BLOCK_K, BLOCK_D, DOT)
+            g, g_scale = _grad_operand(g, DOT)
             for d0 in range(0, D, BLOCK_D):
                 d_valid = d0 + d_offs < D
                 cb = tl.load(cls_ptr + b * sc_b + k_offs[:, None] * sc_k + (d0 + d_offs)[None, :] * sc_d,
-                             mask=(k_offs < K)[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
+                             mask=(k_offs < K)[:, None] & d_valid[None, :], other=0.0)
                 ptrs = grad_ptr + b * sg_b + p_offs[:, None] * sg_p + (d0 + d_offs)[None, :] * sg_d
                 mask = p_valid[:, None] & d_valid[None, :]
-                # The first candidate block starts the sum, so the output needs no zeroing.
-                acc = tl.load(ptrs, mask=mask & (k0 > 0), other=0.0)
-                acc += tl.dot(g, cb, input_precision="ieee")
-                tl.store(ptrs, acc, mask=mask)
+                part = dot_acc(g, cb, tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32), DOT) * g_scale
+                if ONE_K_BLOCK:
+                    tl.store(ptrs, part, mask=mask)
+                else:
+                    # The first candidate block starts the sum, so the output needs no zeroing.
+                    tl.store(ptrs, part + tl.load(ptrs, mask=mask & (k0 > 0), other=0.0), mask=mask)
 
     @triton.jit
     def _seg_loss_grad_classes_kernel(
@@ -257,11 +286,12 @@ if triton is not None:
         sl_b, sl_p,
         sd_b, sd_s,
         sg_s, sg_b, sg_k, sg_d,
-        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
     ):
         # One program: BLOCK_K candidates of one image, every n_splits-th pixel tile. Its sum
         # over those tiles of g.T @ pixels goes to its own split of the output, which torch adds
-        # up: P is long and K often short, so splitting P keeps the GPU busy without atomics.
+        # up: P is long and K often short, so splitting P keeps the GPU busy without atomics,
+        # and the sum does not depend on timing.
         k_block = tl.program_id(0)
         split = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -273,36 +303,64 @@ if triton is not None:
             g = _grad_logit_tile(pix_ptr, cls_ptr, lab_ptr, coef_ptr, dice_ptr, b, p_offs, k_offs,
                                  P, K, D, scale, bias, a_pos, a_neg, gamma, ignore_index,
                                  sp_b, sp_p, sp_d, sc_b, sc_k, sc_d, sl_b, sl_p, sd_b, sd_s,
-                                 BLOCK_P, BLOCK_K, BLOCK_D)
+                                 BLOCK_P, BLOCK_K, BLOCK_D, DOT)
+            g, g_scale = _grad_operand(g, DOT)
+            g = tl.trans(g)
             for d0 in range(0, D, BLOCK_D):
                 d_valid = d0 + d_offs < D
                 pb = tl.load(pix_ptr + b * sp_b + p_offs[:, None] * sp_p + (d0 + d_offs)[None, :] * sp_d,
-                             mask=(p_offs < P)[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
+                             mask=(p_offs < P)[:, None] & d_valid[None, :], other=0.0)
                 ptrs = grad_ptr + split * sg_s + b * sg_b + k_offs[:, None] * sg_k + (d0 + d_offs)[None, :] * sg_d
                 mask = k_valid[:, None] & d_valid[None, :]
-                acc = tl.load(ptrs, mask=mask & (tile > split), other=0.0)
-                acc += tl.dot(tl.trans(g), pb, input_precision="ieee")
-                tl.store(ptrs, acc, mask=mask)
+                part = dot_acc(g, pb, tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32), DOT) * g_scale
+                # The split's first tile starts its sum, so the output needs no zeroing.
+                tl.store(ptrs, part + tl.load(ptrs, mask=mask & (tile > split), other=0.0), mask=mask)
 
 
-def _blocks(p: int, k: int, d: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_K, BLOCK_D); tl.dot wants every dimension >= 16."""
-    if device.type == "cuda":
-        # [64, 64] float32 logits plus one [64, 32] chunk of each operand: modest registers at 4 warps.
-        return 64, max(16, min(64, triton.next_power_of_2(k))), 32
+def _blocks(k: int, d: int, compiled: bool, dot: str) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_K, BLOCK_D, num_warps); tl.dot wants every dimension >= 16.
+
+    One block of candidates covers up to 128 of them: for most vocabularies a tile's logits are
+    then computed once per kernel, the pixel rows read once per tile, and the pixel gradient's
+    rows written once rather than added to block after block through memory.
+    """
+    block_k = max(16, min(128, triton.next_power_of_2(k)))
+    if compiled:
+        # [64, 128] float32 logits and their elementwise terms take 32 registers a thread each at
+        # 8 warps. The chunks of D are the widest that ptxas fits in 255 registers a thread
+        # without spilling (sm_90): 32 for 16-bit operands, 16 for IEEE products (their float32
+        # operands sit in registers).
+        return 64, block_k, 16 if dot == IEEE else 32, 8
     # The interpreter's cost is per program and per op, nearly not per element: few, larger tiles.
-    return 64, max(16, min(32, triton.next_power_of_2(k))), max(16, min(64, triton.next_power_of_2(d)))
+    return 64, block_k, max(16, min(64, triton.next_power_of_2(d))), 4
 
 
-def _class_splits(b: int, k_blocks: int, p_tiles: int, k: int, d: int, p: int, device: torch.device) -> int:
-    """How many pixel ranges the class-gradient kernel splits each image into."""
-    if device.type != "cuda":
+# The class-gradient kernel's partial sums, [splits, B, K, D] float32, stay within this: a quarter
+# of the pixel gradient of 8 images of 128x128 at D = 512, and freed once torch has added them up.
+_CLASS_PARTIAL_BYTES = 64 << 20
+
+
+def _class_splits(b: int, k_blocks: int, p_tiles: int, k: int, d: int, sm_count: int) -> int:
+    """How many pixel ranges the class-gradient kernel splits each image into.
+
+    Its grid is (k-blocks, splits, B): B * k_blocks programs per split, 8 for a batch of 8 with
+    up to 128 candidates, on a GPU of 132 SMs. Aim at 4 programs per SM, split no finer than
+    one pixel tile per program, and keep the partial sums within _CLASS_PARTIAL_BYTES. The
+    interpreter counts as one SM: a few splits, so that the split sums are exercised where the
+    tests run.
+    """
+    per_split = b * k_blocks
+    if per_split == 0:
         return 1
-    # Enough programs for a few waves; the [splits, B, K, D] float32 partials stay well under the
-    # [B, K, P] logits (splits <= P / (4 * D)).
-    wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    splits = max(1, wanted // max(b * k_blocks, 1))
-    return max(1, min(splits, p_tiles, p // (4 * d)))
+    wanted = -(-4 * sm_count // per_split)
+    budget = max(1, _CLASS_PARTIAL_BYTES // max(b * k * d * 4, 1))
+    return max(1, min(wanted, p_tiles, budget))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda" or _INTERPRETED:
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class _SegmentationLosses(torch.autograd.Function):
@@ -311,7 +369,10 @@ class _SegmentationLosses(torch.autograd.Function):
         b, p, d = pixels.shape
         k = classes.shape[1]
         a_pos, a_neg = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
-        block_p, block_k, block_d = _blocks(p, k, d, pixels.device)
+        # Chosen here, at launch: the same kernels compile for each mode.
+        dot = dot_precision(torch.promote_types(pixels.dtype, classes.dtype), _INTERPRETED)
+        compiled = pixels.device.type == "cuda" and not _INTERPRETED
+        block_p, block_k, block_d, warps = _blocks(k, d, compiled, dot)
         p_tiles = triton.cdiv(p, block_p)
         partial = torch.empty((b, p_tiles, 4, k), dtype=torch.float32, device=pixels.device)
         if partial.numel():
@@ -320,19 +381,19 @@ class _SegmentationLosses(torch.autograd.Function):
                 p, k, d,
                 scale, bias, a_pos, a_neg, gamma, ignore_index,
                 *pixels.stride(), *classes.stride(), *labels.stride(), *partial.stride(),
-                BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_D=block_d,
+                BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_D=block_d, DOT=dot, num_warps=warps,
             )
         sums = partial.sum(dim=1)
         n_valid = (labels != ignore_index).sum()
         focal, dice = _finish(sums, n_valid)
         ctx.save_for_backward(pixels, classes, labels, sums, n_valid)
-        ctx.args = (scale, bias, a_pos, a_neg, gamma, ignore_index, (block_p, block_k, block_d))
+        ctx.args = (scale, bias, a_pos, a_neg, gamma, ignore_index, (block_p, block_k, block_d), dot, warps)
         return focal, dice
 
     @staticmethod
     def backward(ctx, grad_focal, grad_dice):
         pixels, classes, labels, sums, n_valid = ctx.saved_tensors
-        scale, bias, a_pos, a_neg, gamma, ignore_index, (block_p, block_k, block_d) = ctx.args
+        scale, bias, a_pos, a_neg, gamma, ignore_index, (block_p, block_k, block_d), dot, warps = ctx.args
         b, p, d = pixels.shape
         k = classes.shape[1]
         need_pixels, need_classes = ctx.needs_input_grad[:2]
@@ -351,7 +412,7 @@ class _SegmentationLosses(torch.autograd.Function):
 
         shared = (p, k, d, scale, bias, a_pos, a_neg, gamma, ignore_index)
         strides = (*pixels.stride(), *classes.stride(), *labels.stride(), *dice.stride()[:2])
-        blocks = dict(BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_D=block_d)
+        blocks = dict(BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_D=block_d, DOT=dot, num_warps=warps)
         p_tiles, k_blocks = triton.cdiv(p, block_p), triton.cdiv(k, block_k)
         if need_pixels:
             grad = torch.empty((b, p, d), dtype=torch.float32, device=pixels.device)
@@ -359,10 +420,11 @@ class _SegmentationLosses(torch.autograd.Function):
                 grad.zero_()
             elif grad.numel():
                 _seg_loss_grad_pixels_kernel[(p_tiles, b)](
-                    pixels, classes, labels, coef, dice, grad, *shared, *strides, *grad.stride(), **blocks)
+                    pixels, classes, labels, coef, dice, grad, *shared, *strides, *grad.stride(),
+                    ONE_K_BLOCK=k_blocks == 1, **blocks)
             grad_pixels = grad.to(pixels.dtype)
         if need_classes:
-            splits = _class_splits(b, k_blocks, p_tiles, k, d, p, pixels.device)
+            splits = _class_splits(b, k_blocks, p_tiles, k, d, _sm_count(pixels.device))
             grad = torch.empty((splits, b, k, d), dtype=torch.float32, device=pixels.device)
             if p == 0:
                 grad.zero_()
@@ -392,9 +454,10 @@ def segmentation_losses(pixels: torch.Tensor, classes: torch.Tensor, labels: tor
     """(focal, dice): float32 scalar losses of per-pixel class logits, differentiable in pixels and classes.
 
     pixels [B, P, D] and classes [B, K, D] may be float32, float16 or bfloat16, with any strides;
-    arithmetic is float32 and the gradients come back in the inputs' dtypes. labels [B, P] hold a
-    candidate index in [0, K), `ignore_index` for pixels that count for nothing, and anything
-    else (-1 by convention) for background. logits = logit_scale * <pixel, class> + bias, with
+    arithmetic is float32 (compiled with 16-bit inputs, the backward multiplies its per-logit
+    gradients rounded to their type: see the module docstring) and the gradients come back in
+    the inputs' dtypes. labels [B, P] hold a candidate index in [0, K), `ignore_index` for
+    pixels that count for nothing, and anything else (-1 by convention) for background. logits = logit_scale * <pixel, class> + bias, with
     logit_scale and bias constants (no gradient flows to them); the losses and their
     normalisation are described in the module docstring. alpha < 0 turns off the focal class
     weighting, as in torchvision.

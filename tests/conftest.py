@@ -12,6 +12,17 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Where tests that force the Triton kernels put their tensors: on a machine with a GPU the
+# kernels are compiled and refuse CPU tensors, so there they run on it; elsewhere on the CPU,
+# interpreted.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(scope="session")
+def triton_device() -> str:
+    """"cuda" where a GPU is visible (compiled kernels), else "cpu" (TRITON_INTERPRET=1)."""
+    return TRITON_DEVICE
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

@@ -159,6 +159,8 @@ def test_token_positions_cover_all_forms_and_occurrences(models):
     assert capture.missing_classes() == [[], [], ["cat"]]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU sampler forces the interpreted kernel; on a GPU "
+                    "machine the kernel is compiled and tests/test_attention_capture_kernel.py covers it there")
 def test_triton_path_equals_reference_path(models):
     # One step keeps the interpreted kernel quick; every default layer is still read.
     reference, _ = capture_run(models, use_triton=False, steps=(0.75, 1.0))

@@ -1,7 +1,9 @@
 """The counterfactual hinge kernels against their torch reference, and the reference against cosine_similarity.
 
-On machines without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py). Both
-paths reduce in float32 from the same values; 16-bit gradients are rounded to their dtype.
+Tests that force the kernels take the `triton_device` fixture (conftest.py): compiled on a GPU
+where one is visible, interpreted (TRITON_INTERPRET=1) on the CPU otherwise. Both paths reduce
+in float32 from the same values (the kernels have no tl.dot); 16-bit gradients are rounded to
+their dtype.
 """
 
 import pytest
@@ -46,20 +48,20 @@ def assert_paths_agree(pos, neg, **kwargs):
 
 @pytest.mark.parametrize("margin", [0.0, 0.2, -0.3])
 @pytest.mark.parametrize("shape", [(1, 1), (5, 70), (33, 300), (16, 256)], ids=lambda s: "b{}d{}".format(*s))
-def test_kernels_match_reference(shape, margin):
-    assert_paths_agree(*make_pair(*shape, seed=shape[0]), margin=margin)
+def test_kernels_match_reference(shape, margin, triton_device):
+    assert_paths_agree(*make_pair(*shape, seed=shape[0], device=triton_device), margin=margin)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_16_bit_inputs(dtype):
-    assert_paths_agree(*make_pair(20, 130, dtype=dtype, seed=3), margin=0.1)
+def test_16_bit_inputs(dtype, triton_device):
+    assert_paths_agree(*make_pair(20, 130, dtype=dtype, seed=3, device=triton_device), margin=0.1)
 
 
-def test_rows_below_the_margin_get_no_gradient():
+def test_rows_below_the_margin_get_no_gradient(triton_device):
     gen = torch.Generator().manual_seed(4)
-    pos, neg = make_pair(6, 40, seed=4)
+    pos, neg = make_pair(6, 40, seed=4, device=triton_device)
     neg[:3] = -pos[:3]                                        # cos = -1: inactive at margin 0
-    neg[3:] = 0.5 * pos[3:] + torch.randn(3, 40, generator=gen)  # cos about 0.4: active
+    neg[3:] = 0.5 * pos[3:] + torch.randn(3, 40, generator=gen).to(triton_device)  # cos about 0.4: active
     loss, g_pos, g_neg = assert_paths_agree(pos, neg)
     assert not g_pos[:3].any() and not g_neg[:3].any()
     assert g_neg[3].abs().sum() > 0
@@ -72,8 +74,8 @@ def test_rows_below_the_margin_get_no_gradient():
     assert g_pos[9 - below].abs().sum() > 0
 
 
-def test_zero_vectors_are_harmless():
-    pos, neg = make_pair(4, 24, seed=5)
+def test_zero_vectors_are_harmless(triton_device):
+    pos, neg = make_pair(4, 24, seed=5, device=triton_device)
     pos[0] = 0
     neg[1] = 0
     pos[2] = neg[2] = 0
@@ -82,13 +84,13 @@ def test_zero_vectors_are_harmless():
     assert not g_pos[:3].any() and not g_neg[:3].any()
 
 
-def test_strided_inputs_and_empty_batch():
+def test_strided_inputs_and_empty_batch(triton_device):
     gen = torch.Generator().manual_seed(6)
-    pos = torch.randn(40, 9, generator=gen).t()          # [9, 40], column-major
-    neg = torch.randn(9, 80, generator=gen)[:, ::2]      # every other column
+    pos = torch.randn(40, 9, generator=gen).to(triton_device).t()      # [9, 40], column-major
+    neg = torch.randn(9, 80, generator=gen).to(triton_device)[:, ::2]  # every other column
     assert not pos.is_contiguous() and not neg.is_contiguous()
     assert_paths_agree(pos, neg, margin=0.05)
-    empty = torch.zeros(0, 8)
+    empty = torch.zeros(0, 8, device=triton_device)
     assert counterfactual_loss(empty, empty, use_triton=True).item() == 0
 
 
@@ -109,7 +111,7 @@ def test_rejects_mismatched_arguments():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(4096, 512), (1000, 768), (7, 5000)], ids=lambda s: "b{}d{}".format(*s))
 def test_compiled_kernels_match_reference_on_gpu(shape, dtype):
     pos, neg = make_pair(*shape, dtype=dtype, device="cuda")
