@@ -241,13 +241,15 @@ def at_a_glance(results: list[tuple[str, dict]]) -> list[str]:
     masks = [(n, d) for n, d in results if d.get("benchmark") == "masks" and "overhead_positives_only" in d.get("capture", {})]
     if masks:
         lines += ["Attention capture, time added to denoising (same run, modes taking turns):", "",
-                  "| device | preset, size, steps | both images (generate) | positives only | kernel | file |",
-                  "|---|---|---|---|---|---|"]
+                  "| device | preset, size, steps | both images (generate) | positives only | CPU seconds, both images | kernel | file |",
+                  "|---|---|---|---|---|---|---|"]
         for name, d in masks:
             c = d["capture"]
+            cpu = (f"{100 * c['overhead_cpu_seconds']:.1f}% ({c['threads']} threads)"
+                   if "overhead_cpu_seconds" in c else "-")
             lines.append(f"| {_where(d)} | {d.get('settings', {}).get('preset', '?')}, {'x'.join(map(str, c['size']))}, "
                          f"{c['steps']} | {100 * c['overhead']:.1f}% | {100 * c['overhead_positives_only']:.1f}% "
-                         f"| {c['kernel']} | {name} |")
+                         f"| {cpu} | {c['kernel']} | {name} |")
         lines.append("")
     fast = [(n, d) for n, d in results if d.get("benchmark") == "schedulers" and any(r.get("fast") for r in d["rows"])]
     for name, d in fast:

@@ -171,7 +171,14 @@ def test_resolve_dtype(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="magicseg_engine.generate.models"):
         assert resolve_dtype("float16", "cpu") == torch.float32
     assert "float32" in caplog.text
+    import magicseg_engine.generate.models as models
+
+    # bfloat16 on the CPU only where it has the instructions for it.
+    monkeypatch.setattr(models, "cpu_supports_bf16", lambda cpuinfo=None: False)
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(models, "cpu_supports_bf16", lambda cpuinfo=None: True)
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("float16", "cpu") == torch.float32
     assert resolve_dtype("float32", "cuda") == torch.float32
     assert resolve_dtype("float16", "cuda:0") == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

@@ -260,6 +260,7 @@ def generate(
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="ddim, dpm-solver++ (2M), euler or unipc.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Run seed: classes, prompts, per-pair noise, random weights.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu, cuda or cuda:N.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Threads torch's CPU operators use (torch.set_num_threads; default: torch's, one per physical core). `bench tune --device cpu` measures which is fastest.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, float16 or bfloat16 (float32 on the CPU).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Diffusers folder or hub id of an SD 1.x, SD 2.x or SDXL model (presets sd15, sd21, sdxl).")] = None,
     independent_noise: Annotated[bool, typer.Option("--independent-noise", help="Draw the negative's noise separately, as the reference did.")] = False,
@@ -321,6 +322,15 @@ def generate(
     balancing = _balance_settings(balance, balance_tolerance, balance_budget, balance_rounds, prompts_file,
                                   mask_source)
     device = _resolve_device(device)
+    if threads is not None:
+        if threads <= 0:
+            raise UsageError(f"--threads must be a positive number, got {threads}")
+        if use_ray:
+            raise UsageError("--threads sets this process's threads; Ray workers run --cpus-per-worker threads each")
+        import torch
+
+        # Before any model loads, so every operator of the run, loading included, uses them.
+        torch.set_num_threads(threads)
     config = load_preset(preset, {
         "seed": seed,
         "prompts": {"seed": seed, "max_classes_per_sample": max_classes,
@@ -1563,7 +1573,7 @@ def bench_all_command(
 @reports_usage_errors
 def bench_tune_command(
     preset: BenchPreset = "tiny", reps: BenchReps = 3, warmup: BenchWarmup = 1, device: BenchDevice = "auto",
-    variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated backend:dtype[:layout[:attention]], e.g. torch:float16:nchw,compile:bfloat16:nhwc:flash (default: a GPU sweep of eager/compile, float16/bfloat16, NCHW/NHWC, auto/math attention; on the CPU, float32 NCHW, NHWC and math attention).")] = None,
+    variants: Annotated[Optional[str], typer.Option("--variants", help="Comma-separated backend:dtype[:layout[:attention]][@threads], e.g. torch:float16:nchw,compile:bfloat16:nhwc:flash,torch:float32:nhwc@4,onnxruntime:float32@4; @threads sets torch.set_num_threads (generate --threads), onnxruntime takes no layout or attention and is exported once into a temporary folder (default: a GPU sweep of eager/compile, float16/bfloat16, NCHW/NHWC, auto/math attention; on the CPU, float32 NCHW, NHWC and math attention, and bfloat16 where the CPU has AMX or AVX512-BF16, at all physical cores, half of them and on small machines 1 thread, plus onnxruntime).")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated pairs per UNet call. With guidance a pair is 4 UNet rows, and build-engines --batch-sizes counts rows: a TensorRT engine for batch B needs 4B there.")] = "4,8,16",
     pairs: Annotated[Optional[int], typer.Option("--pairs", help="Pairs per timed repetition (default: twice the largest batch).")] = None,
     reference_pairs: Annotated[int, typer.Option("--reference-pairs", help="Pairs the reference pipeline renders per repetition.")] = 4,
@@ -1571,11 +1581,11 @@ def bench_tune_command(
     json_out: BenchJson = None,
     model: BenchModel = None,
 ) -> None:
-    """Sweep backend, precision, memory layout, attention kernel and batch size end to end with masks, against the reference pipeline."""
+    """Sweep backend, precision, memory layout, attention kernel, CPU threads and batch size end to end with masks, against the reference pipeline."""
     import torch
 
     from magicseg_engine.bench.suite import headline
-    from magicseg_engine.bench.tune import bench_tune, default_variants, parse_variants
+    from magicseg_engine.bench.tune import bench_tune, default_variants, parse_variants, skipped_variants
     from magicseg_engine.config import load_preset
     from magicseg_engine.engine.build import parse_batch_sizes
     from magicseg_engine.prompts import build_prompts
@@ -1588,12 +1598,14 @@ def bench_tune_command(
                          "--warmup not negative")
     dev = torch.device(_resolve_device(device))
     chosen = parse_variants(variants, dev) if variants is not None else default_variants(dev)
+    skipped = skipped_variants(dev) if variants is None else []
     config = load_preset(preset, {"diffusion": {"model": model}})
     records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=max(pairs, reference_pairs)).records
     with progress_bar() as bar:
         task = bar.add_task(f"bench tune ({preset})", total=len(chosen) + 1, unit="variants")
         result = bench_tune(preset, dev, chosen, records[:pairs], records[:reference_pairs], sizes, encode_workers,
-                            warmup, reps, seed=config.seed, on_step=lambda _: bar.advance(task), model=model)
+                            warmup, reps, seed=config.seed, on_step=lambda _: bar.advance(task), model=model,
+                            skipped=skipped)
     result["headline"] = headline("tune", result)
     _write_bench_json(result, json_out)
     table = Table(title=f"bench tune: {preset} on {dev}")
@@ -1610,8 +1622,13 @@ def bench_tune_command(
                       "-" if mem is None else f"{mem / 2**30:.1f} GiB")
     table.add_row("reference", "1", f"{result['reference']['pairs_per_s']:.3g}", "", "", "")
     stderr.print(table)
+    for s in result["skipped"]:
+        stderr.print(f"skipped {s['variant']}: {s['reason']}", highlight=False)
     stderr.print(_headline_table([result["headline"]], "bench tune"))
-    stderr.print(f"fastest here: magicseg-engine generate --preset {preset} {result['best']['generate_flags']} ...",
+    best = result["best"]
+    if best["build_engines"]:  # the sweep's own exports were temporary
+        stderr.print(f"export first: {best['build_engines']}", highlight=False)
+    stderr.print(f"fastest here: magicseg-engine generate --preset {preset} {best['generate_flags']} ...",
                  highlight=False)
 
 

@@ -356,8 +356,31 @@ def make_scheduler(name: str, scheduler_config: dict):
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# CPU flags of the instructions that run bfloat16 matrix work natively (AMX, AVX512-BF16).
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU has AMX or AVX512-BF16, by the flags in `cpuinfo` (/proc/cpuinfo's text;
+    read here when None). Without them bfloat16 convolutions are emulated and slower than
+    float32. torch.backends.cpu.get_cpu_capability() says AVX512 with or without these
+    instructions, so it cannot tell; a machine without /proc/cpuinfo counts as without."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            flags.update(value.split())
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
 def resolve_dtype(requested: str, device: str | torch.device) -> torch.dtype:
-    """The dtype to run in: `requested` on CUDA, float32 elsewhere."""
+    """The dtype to run in: `requested` on CUDA; on the CPU bfloat16 where it has the
+    instructions for it (`cpu_supports_bf16`), float32 otherwise."""
     if requested not in _DTYPES:
         raise ValueError(f"unknown dtype {requested!r}; choose one of: {', '.join(_DTYPES)}")
     dtype = _DTYPES[requested]
@@ -365,7 +388,10 @@ def resolve_dtype(requested: str, device: str | torch.device) -> torch.dtype:
     if dtype is torch.float32:
         return dtype
     if device.type != "cuda":
-        # Half-precision convolutions on the CPU are either missing or far slower than float32.
+        if dtype is torch.bfloat16 and device.type == "cpu" and cpu_supports_bf16():
+            return dtype
+        # float16 convolutions on the CPU, and bfloat16 without AMX or AVX512-BF16, are
+        # emulated and far slower than float32.
         log.warning("%s requested on %s; running in float32 instead", requested, device.type)
         return torch.float32
     if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
