@@ -3,7 +3,7 @@ folder the moment it ends, so a pass cut short still leaves every stage that fin
 
     python benchmarks/gpu_pass.py [--out DIR] [--dry-run] [--total-budget S] [--budget NAME=S ...]
                                   [--stages install,correctness,headline,extras]
-                                  [--extras masks,losses,loader,compile]
+                                  [--extras masks,fast,losses,loader,compile]
 
 Meant for a bare GPU machine without network that is lent for a few minutes: the wheels the
 machine lacks come from .whl/ (benchmarks/wheelhouse.sh, run where pip reaches an index).
@@ -25,7 +25,8 @@ Stages, in order (GPU budgets in seconds; the whole pass stays under --total-bud
                                                                                 -> headline.json
   extras       (the time left) while it lasts, each item in its own process and budget: masks
                (attention-capture overhead, batched SAM), losses (fused Triton vs eager), loader
-               (DALI vs torch; skipped without DALI), compile (UNet torch.compile vs eager).
+               (DALI vs torch; skipped without DALI), compile (UNet torch.compile vs eager), fast
+               (generate --fast levels against full mode: pairs/s, mask IoU).
                                                                                 -> extras.json
   pass.json holds the plan and each stage's status and times; log.txt every stage's output.
 
@@ -61,18 +62,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("install", "correctness", "headline", "extras")
-EXTRAS = ("masks", "losses", "loader", "compile")
+EXTRAS = ("masks", "fast", "losses", "loader", "compile")
 FILES = {"install": "install.json", "correctness": "correctness.json", "headline": "headline.json",
          "extras": "extras.json"}
 # Stages whose budget is held back while they are still to come: the numbers the pass is for.
 RESERVED = ("headline",)
 # Beside each stage's own budget: an item starts only when at least `min_start` seconds are left.
 GPU_BUDGETS = {"install": 150, "correctness": 150, "headline": 240, "extras": 300,
-               "masks": 90, "losses": 45, "loader": 45, "compile": 180}
+               "masks": 90, "fast": 90, "losses": 45, "loader": 45, "compile": 180}
 DRY_BUDGETS = {"install": 60, "correctness": 60, "headline": 150, "extras": 90,
-               "masks": 60, "losses": 30, "loader": 30, "compile": 60}
+               "masks": 60, "fast": 60, "losses": 30, "loader": 30, "compile": 60}
 MIN_START = {"install": 30, "correctness": 30, "headline": 60, "extras": 15,
-             "masks": 40, "losses": 15, "loader": 15, "compile": 120}
+             "masks": 40, "fast": 40, "losses": 15, "loader": 15, "compile": 120}
 GPU_TOTAL_S, DRY_TOTAL_S = 420, 300
 KILL_GRACE_S = 5
 
@@ -87,6 +88,7 @@ def settings(dry_run: bool) -> dict:
             # bf16 matmuls on a CPU measure its emulation, not a peak anyone quotes.
             "matmul": {"n": 512, "dtype": "float32", "warmup": 2, "reps": 3, "inner": 2},
             "extras": {"masks": {"pairs": 2, "warmup": 0, "reps": 1},
+                       "fast": {"pairs": 2, "levels": [1], "reps": 1},
                        "losses": {"warmup": 0, "reps": 1},
                        "loader": {"samples": 8, "workers": 0},
                        "compile": {"batch_size": 1, "warmup": 0, "reps": 1}},
@@ -106,6 +108,8 @@ def settings(dry_run: bool) -> dict:
                      "reference_pairs": 2, "warmup": 1, "reps": 3, "encode_workers": 4},
         "matmul": {"n": 8192, "dtype": "bfloat16", "warmup": 25, "reps": 10, "inner": 5},
         "extras": {"masks": {"pairs": 4, "warmup": 1, "reps": 3},
+                   # Fast mode against full mode on the same pairs: pairs/s and mask agreement.
+                   "fast": {"pairs": 8, "levels": [1, 2], "reps": 2},
                    "losses": {"warmup": 2, "reps": 5},
                    "loader": {"samples": 128, "workers": 4},
                    "compile": {"batch_size": 8, "warmup": 2, "reps": 5}},
@@ -772,6 +776,8 @@ def child_extra(spec: dict, item: str, work: Path) -> int:
             result = suite_bench(spec["preset"], device, item, s)
         elif item == "compile":
             result = compile_vs_eager(spec["preset"], device, s)
+        elif item == "fast":
+            result = fast_vs_full(spec["preset"], device, s)
         else:
             raise ValueError(f"unknown extra {item!r}")
     except Exception as err:
@@ -800,6 +806,28 @@ def suite_bench(preset: str, device, item: str, s: dict) -> dict:
     if item == "masks" and "sam" not in result:
         # Where `bench masks` measures the capture alone, batched SAM is its own benchmark: same models.
         result["sam_refinement"] = run_bench("sam", ctx)
+    return result
+
+
+def fast_vs_full(preset: str, device, s: dict) -> dict:
+    """`bench fast`: each fast level against full mode on the same pairs, the preset's mask settings."""
+    from magicseg_engine.bench.fast import fast_mode_agreement
+    from magicseg_engine.bench.suite import headline
+    from magicseg_engine.config import load_preset
+    from magicseg_engine.pipeline import build_sampler
+    from magicseg_engine.prompts import build_prompts
+    from magicseg_engine.vocab import load_vocabulary
+
+    config = load_preset(preset)
+    records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=s["pairs"]).records
+    sampler = build_sampler(config.model_copy(update={"masks": config.masks.model_copy(update={"source": "none"})}),
+                            device)
+    m = config.masks
+    result = fast_mode_agreement(sampler, [r.prompt for r in records], [r.negative_prompt for r in records],
+                                 [r.seed for r in records], [tuple(r.classes) for r in records], s["levels"],
+                                 capture_options={"steps": m.capture_steps, "factors": m.attention_factors},
+                                 threshold=m.threshold, reps=s["reps"])
+    result["headline"] = headline("fast", result)
     return result
 
 

@@ -117,13 +117,14 @@ def test_extras_are_measured_or_skipped_with_a_reason(dry_pass):
     out, _ = dry_pass
     extras = read(out, "extras.json")
     items = extras["items"]
-    assert list(items) == ["masks", "losses", "loader", "compile"]
-    for name in ("losses", "loader"):
+    assert list(items) == ["masks", "fast", "losses", "loader", "compile"]
+    for name in ("fast", "losses", "loader"):
         assert items[name]["status"] == "ok", items[name]
         assert items[name]["result"]["headline"]["bench"] == name
+    assert items["fast"]["result"]["levels"][0]["level"] == 1
     for name in ("masks", "compile"):
         assert items[name]["status"] == "skipped" and items[name]["reason"].startswith("dry run")
-    assert [row["bench"] for row in extras["summary"]] == ["losses", "loader"]
+    assert [row["bench"] for row in extras["summary"]] == ["fast", "losses", "loader"]
 
 
 @pytest.mark.slow

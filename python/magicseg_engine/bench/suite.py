@@ -162,6 +162,11 @@ def headline(name: str, r: dict) -> dict:
     if name == "generate":
         return row("paired sampler vs batch-1 loop", r["engine"]["pairs_per_s"],
                    r["reference"]["pairs_per_s"], "pairs/s", r["speedup"])
+    if name == "fast":
+        first = r["levels"][0]
+        iou = "n/a" if first["mask_iou"] is None else f"{first['mask_iou']:.3f}"
+        return row(f"fast level {first['level']} vs full mode", first["pairs_per_s"], r["full"]["pairs_per_s"],
+                   "pairs/s", first["speedup"], f"mask IoU {iou} against full mode")
     if name == "pipeline":
         best = r["best"]
         return row("prompts to shards vs reference pipeline", best["pairs_per_s"], r["reference"]["pairs_per_s"],
