@@ -102,6 +102,11 @@ def headline(name: str, data: dict) -> list[tuple[str, str, str]]:
         return [(f"attention masks: layers at factors {r['factors']}, steps {r['steps']}, threshold {r['threshold']}, "
                  f"self-attention power {r['self_attention_power']}", f"{r['miou']:.3f}", "mIoU, last round of the sweep")
                 for r in last]
+    if data.get("benchmark") == "fast":
+        return [(f"fast level {r['level']} vs full mode, pairs/s (mask IoU, map cosine, PSNR against full mode)",
+                 f"{r['speedup']:.2f}x", f"{'-' if r['mask_iou'] is None else format(r['mask_iou'], '.3f')}, "
+                 f"{r['map_cosine']:.4f}, {r['image_psnr']:.1f} dB; {data['pairs']} pairs, {data['steps']} steps")
+                for r in data["levels"]]
     if data.get("benchmark") == "schedulers":
         base = data["baseline"]
         return [(f"{r['scheduler']}, {r['steps']} steps, fast {r.get('fast', 0)} vs {base['scheduler']}, {base['steps']}, "
@@ -258,6 +263,18 @@ def at_a_glance(results: list[tuple[str, dict]]) -> list[str]:
                   "|---|---|---|---|---|"]
         lines += [f"| {r['scheduler']}, {r['steps']} | {r.get('fast', 0)} | {r['speedup']:.2f}x | {r['mask_miou']:.3f} "
                   f"| {r['class_absent']:.3f} |" for r in d["rows"]]
+        lines.append("")
+    agreement = [(n, d) for n, d in results if d.get("benchmark") == "fast"]
+    if agreement:
+        lines += ["Fast mode against full mode on the same pairs and seeds (`bench fast`, modes taking turns):", "",
+                  "| device | preset, size, steps, pairs | fast | speed-up | mask IoU | map cosine | PSNR | file |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, d in agreement:
+            for r in d["levels"]:
+                iou = "-" if r["mask_iou"] is None else f"{r['mask_iou']:.3f}"
+                lines.append(f"| {_where(d)} | {d.get('settings', {}).get('preset', '?')}, {'x'.join(map(str, d['size']))}, "
+                             f"{d['steps']}, {d['pairs']} | {r['level']} | {r['speedup']:.2f}x | {iou} "
+                             f"| {r['map_cosine']:.4f} | {r['image_psnr']:.1f} dB | {name} |")
         lines.append("")
     return lines if len(lines) > 2 else []
 
