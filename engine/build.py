@@ -37,6 +37,7 @@ from magicseg_engine.engine.export import (
     sample_inputs,
 )
 from magicseg_engine.errors import UsageError
+from magicseg_engine.safe_files import sha256_files
 
 MANIFEST = "manifest.json"
 # Every component build-engines writes; unet-capture is exported from the unet.
@@ -193,7 +194,7 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
         exports.append((exported, component_prec))
 
     if fmt == "tensorrt":
-        from magicseg_engine.engine.tensorrt import build_engine
+        from magicseg_engine.engine.tensorrt import build_engine, read_record
 
         # Every profile again, now from the exported files' own shapes, before the first build.
         for entry, (exported, _) in zip(entries, exports):
@@ -203,6 +204,10 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
             engine = build_engine(exported, out / "tensorrt", sizes, component_prec, fixed_dims=fixed,
                                   timing_cache_path=out / "tensorrt" / "timing.cache")
             entry["engine"] = str(Path(engine).relative_to(out))
+            # The manifest keeps the engine's digest too: a backend checks the file against it
+            # before TensorRT deserialises it, with or without the record beside the engine.
+            record = read_record(engine) or {}
+            entry["engine_sha256"], entry["engine_bytes"] = record.get("engine_sha256"), record.get("engine_bytes")
 
     manifest = {
         "model_id": models.model_id if models is not None else None,
@@ -245,9 +250,21 @@ def _verified_components(engines: Path, model_id: str | None, needed: Sequence[s
                          f"{','.join(needed)}")
     exported = {}
     for component in needed:
-        e = load_exported(engines / listed[component]["path"])
-        if e.sha256 != listed[component]["sha256"]:
-            raise UsageError(f"{e.path} changed since build-engines wrote it; run build-engines again")
+        entry = listed[component]
+        path = engines / entry["path"]
+        # Checked before the file is parsed, against the digest the manifest recorded: a file
+        # changed since build-engines (damaged, or replaced) is never handed to onnx or a backend.
+        files = [path] + ([path.with_name(path.name + ".data")] if entry.get("external_data") else [])
+        for f in files:
+            if not f.is_file():
+                raise UsageError(f"{f} is missing from the engines in {engines}; run build-engines --out {engines} "
+                                 "again")
+        if sha256_files(files) != entry["sha256"]:
+            raise UsageError(f"{path} changed since build-engines wrote it (its sha256 differs from {MANIFEST}); "
+                             f"run build-engines --out {engines} again")
+        e = load_exported(path)
+        if e.sha256 != entry["sha256"]:
+            raise UsageError(f"{e.path} changed since build-engines wrote it; run build-engines --out {engines} again")
         exported[component] = e
     return exported, listed
 
@@ -260,7 +277,32 @@ def load_engines(engines: Path, model_id: str | None, needed: Sequence[str],
     if missing:
         raise UsageError(f"{engines} has no TensorRT engine for {', '.join(missing)}; run build-engines "
                          f"--format tensorrt --out {engines}")
-    return exported, {c: engines / listed[c]["engine"] for c in needed}
+    paths = {c: engines / listed[c]["engine"] for c in needed}
+    for c, path in paths.items():
+        _check_engine(engines, path, listed[c])
+    return exported, paths
+
+
+def _check_engine(engines: Path, path: Path, entry: dict) -> None:
+    """UsageError unless the engine is the file build-engines recorded (bytes and sha256), before
+    TensorRT deserialises it. Manifests written before they kept the digest fall back to the
+    record beside the engine; an engine with neither is refused rather than run unchecked."""
+    from magicseg_engine.engine.tensorrt import read_record
+    from magicseg_engine.safe_files import file_sha256
+
+    again = f"run build-engines --format tensorrt --out {engines} again"
+    if not path.is_file():
+        raise UsageError(f"TensorRT engine {path} is missing; {again}")
+    want = (entry.get("engine_bytes"), entry.get("engine_sha256"))
+    if want[1] is None:
+        record = read_record(path)
+        if record is None:
+            raise UsageError(f"TensorRT engine {path} has no recorded sha256 to check it against; {again}")
+        want = (record.get("engine_bytes"), record.get("engine_sha256"))
+    # The size first: a truncated engine is told without reading gigabytes.
+    if path.stat().st_size != want[0] or file_sha256(path) != want[1]:
+        raise UsageError(f"TensorRT engine {path} changed since build-engines wrote it (its size or sha256 differs "
+                         f"from what was recorded); {again}")
 
 
 def sam_identity(config: RunConfig) -> str:

@@ -124,6 +124,7 @@ import torch
 
 from magicseg_engine.atomic import fsync_dir, check_writable_dir
 from magicseg_engine.errors import UsageError
+from magicseg_engine.safe_files import sha256_files
 
 if TYPE_CHECKING:
     import onnx
@@ -897,6 +898,8 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
 
 
 def _sha256(paths: Iterable[Path]) -> str:
+    # Files just written: always hashed. Loading goes through safe_files.sha256_files, which
+    # hashes a big file once per process.
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
@@ -969,7 +972,7 @@ def load_exported(path: str | Path) -> ExportedModel:
     data = path.with_name(path.name + ".data")
     if external and not data.is_file():
         raise ExportError(f"{path} keeps its weights in {data.name}, which is missing; re-export it")
-    return _describe(path, model, _sha256([path, data] if external else [path]), external)
+    return _describe(path, model, sha256_files([path, data] if external else [path]), external)
 
 
 @contextlib.contextmanager
@@ -1212,7 +1215,7 @@ def check_exported(exported: ExportedModel) -> None:
         if not exported.data_path.is_file():
             raise ExportError(f"{path} keeps its weights in {exported.data_path.name}, which is missing; re-export it")
         files.append(exported.data_path)
-    if _sha256(files) != exported.sha256:
+    if sha256_files(files) != exported.sha256:
         raise ExportError(f"{path} ({exported.component}) changed since it was exported (sha256 differs); re-export it")
     _check(path, exported.component)
 

@@ -283,12 +283,17 @@ def record_path(engine_path: str | Path) -> Path:
 
 
 def _sha256_file(path: Path) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
+    """(bytes, sha256) of an engine; a big one is hashed once per process while it is unchanged
+    (safe_files.file_sha256), since sweeps load the same multi-gigabyte engines again and again."""
+    from magicseg_engine.safe_files import file_sha256
+
+    size = Path(path).stat().st_size
+    return size, file_sha256(path)
+
+
+def read_record(engine_path: str | Path) -> dict | None:
+    """The record build_engine wrote beside an engine, None if it is missing or not one."""
+    return _read_record(Path(engine_path))
 
 
 def _read_record(path: Path) -> dict | None:

@@ -95,6 +95,27 @@ def test_engines_of_other_weights_or_sizes_are_refused(engines, tmp_path):
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
+@pytest.mark.parametrize("component", ["unet", "text-encoder"])
+def test_an_export_changed_since_build_engines_is_refused_before_use(engines, tmp_path, component):
+    """One byte of an exported .onnx flipped (same size, only its sha256 tells): the backend
+    refuses it in one line naming the file and build-engines, before writing anything."""
+    import shutil
+
+    copy = tmp_path / "engines"
+    shutil.copytree(engines, copy)
+    target = copy / "onnx" / f"{component}.onnx"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    result = invoke("generate", "--classes", "voc", "--num-pairs", 1, "--mask-source", "none", "--device", "cpu",
+                    "--backend", "onnxruntime", "--engines", copy, "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(target) in lines[0] and "build-engines" in lines[0], result.stderr
+    assert "changed since build-engines wrote it" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def _masked_runs(engines, tmp_path, *extra):
     runs = {}
     for backend in ("torch", "onnxruntime"):

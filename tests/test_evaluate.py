@@ -275,6 +275,15 @@ def test_layout_mistakes_are_one_clear_line(tmp_path):
         load_dataset("voc", tmp_path / "voc")
 
 
+def test_a_generate_run_given_as_root_says_how_to_make_a_dataset_of_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"config": {"masks": {"source": "attention"}}}))
+    with pytest.raises(UsageError, match=r"is a run written by generate, not a dataset; export it first "
+                                         r"\(magicseg-engine export --data .* --format mmseg"):
+        load_dataset("mmseg", run)
+
+
 def test_labels_beyond_the_classes_name_the_fix(tmp_path):
     write_layout(tmp_path, "voc", label_fn=lambda rng, h, w: np.full((h, w), 3))
     data = load_dataset("voc", tmp_path, class_names=["a", "b"])

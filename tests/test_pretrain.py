@@ -216,3 +216,35 @@ def test_pretrain_reads_what_generate_wrote(tmp_path):
     saved = json.loads((tmp_path / "ckpt" / "pretrain.json").read_text())
     assert len(saved["vocabulary"]) == 20  # the whole VOC list, not only the classes drawn
     assert [s for s, _ in checkpoint_paths(tmp_path / "ckpt")] == [2]
+
+
+def test_a_run_without_masks_is_refused_by_pretrain_evaluate_and_export(tmp_path):
+    """A --mask-source none run has nothing to learn from or score against: each command says so
+    in one line with the command that adds masks, exits 2 and creates no output."""
+    run = tmp_path / "none"
+    result = invoke("generate", "--classes", "voc", "--num-pairs", 1, "--mask-source", "none", "--out", run,
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    fix = f"magicseg-engine masks --data {run} --out {run}-masks --mask-source detector"
+    attempts = {
+        "pretrain": ("pretrain", "--data", run, "--out", tmp_path / "out", "--device", "cpu"),
+        "pretrain-dali": ("pretrain", "--data", run, "--out", tmp_path / "out", "--loader", "dali", "--device", "cpu"),
+        "evaluate": ("evaluate", "--checkpoint", tmp_path / "out", "--dataset", "mmseg", "--root", run,
+                     "--json", tmp_path / "out" / "eval.json", "--device", "cpu"),
+        "export": ("export", "--data", run, "--format", "mmseg", "--out", tmp_path / "out"),
+    }
+    for name, args in attempts.items():
+        result = invoke(*args)
+        assert result.exit_code == 2, (name, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--mask-source none" in lines[0] and fix in lines[0], (name, result.stderr)
+        assert not (tmp_path / "out").exists(), name
+
+
+def test_samples_without_masks_are_one_line_too(tmp_path):
+    """A run without run.json (written by write_synthetic_run) whose samples have no masks."""
+    write_synthetic_run(tmp_path / "bare", 4, size=64, seed=1, masks=False)
+    result = invoke("pretrain", "--data", tmp_path / "bare", "--out", tmp_path / "out", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert "0 usable samples" in result.stderr and "no_mask" in result.stderr and "magicseg-engine masks" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()

@@ -368,3 +368,36 @@ def test_decode_rejects_mixed_sizes_and_bad_dicts():
         _C.rle_decode(["04"], 2, 2, 1)
     with pytest.raises(ValueError, match="2 counts but 1 sizes"):
         _C.rle_area([b"04", b"04"], [(2, 2)])
+
+
+@pytest.mark.parametrize("failure", ["not-built", "rebuild-failed"])
+def test_an_extension_that_cannot_load_is_one_clear_import_error(monkeypatch, failure):
+    """Without _C (a checkout never installed), or when an editable install's rebuild on import
+    fails, importing the ops says what to run instead of ending in CMake's traceback."""
+    import importlib
+    import subprocess
+    import sys
+
+    import magicseg_engine
+
+    monkeypatch.delitem(sys.modules, "magicseg_engine.ops")
+    monkeypatch.delattr(magicseg_engine, "_C")
+    if failure == "not-built":
+        monkeypatch.setitem(sys.modules, "magicseg_engine._C", None)
+    else:
+        class FailingRebuild:
+            """The editable install's finder when its CMake rebuild fails."""
+
+            def find_spec(self, name, path=None, target=None):
+                if name == "magicseg_engine._C":
+                    raise subprocess.CalledProcessError(1, ["cmake", "--build", "."])
+                return None
+
+        monkeypatch.delitem(sys.modules, "magicseg_engine._C")
+        monkeypatch.setattr(sys, "meta_path", [FailingRebuild(), *sys.meta_path])
+    with pytest.raises(ImportError) as err:
+        importlib.import_module("magicseg_engine.ops")
+    message = str(err.value)
+    assert "\n" not in message and "magicseg_engine._C" in message and "pip install" in message
+    if failure == "rebuild-failed":
+        assert "rebuilding it on import failed" in message

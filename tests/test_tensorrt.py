@@ -828,6 +828,45 @@ def test_build_engines_builds_every_engine_for_several_batch_sizes(fake_gpu, tmp
         assert ranges == {k: profiles[component][k] for k in ranges} and ranges
 
 
+def test_engines_are_checked_against_the_manifest_before_tensorrt_reads_them(fake_gpu, tmp_path):
+    """The manifest records each engine's bytes and sha256; loading refuses an engine that differs,
+    and one with no recorded digest at all (record deleted, older manifest), in one line."""
+    from magicseg_engine.engine.build import MANIFEST, load_engines
+
+    out = tmp_path / "engines"
+    result = build_engines_cli(out, "--components", "text-encoder", "--batch-sizes", "1")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / MANIFEST).read_text())
+    entry = manifest["components"][0]
+    engine = out / entry["engine"]
+    data = engine.read_bytes()
+    assert entry["engine_sha256"] == hashlib.sha256(data).hexdigest() and entry["engine_bytes"] == len(data)
+    model_id = manifest["model_id"]
+    assert load_engines(out, model_id, ["text-encoder"])[1] == {"text-encoder": engine}
+
+    engine.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # same size: only the digest tells
+    with pytest.raises(UsageError, match="changed since build-engines wrote it") as err:
+        load_engines(out, model_id, ["text-encoder"])
+    assert str(engine) in str(err.value) and "build-engines --format tensorrt" in str(err.value)
+    engine.write_bytes(data[:-1])
+    with pytest.raises(UsageError, match="changed since build-engines wrote it"):
+        load_engines(out, model_id, ["text-encoder"])
+
+    # A manifest without the digests: the record beside the engine is the reference...
+    engine.write_bytes(data)
+    for key in ("engine_sha256", "engine_bytes"):
+        del entry[key]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    assert load_engines(out, model_id, ["text-encoder"])[1] == {"text-encoder": engine}
+    engine.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
+    with pytest.raises(UsageError, match="changed since build-engines wrote it"):
+        load_engines(out, model_id, ["text-encoder"])
+    # ... and an engine with neither is not run unchecked.
+    record_path(engine).unlink()
+    with pytest.raises(UsageError, match="no recorded sha256"):
+        load_engines(out, model_id, ["text-encoder"])
+
+
 def test_build_engines_with_a_bad_profile_stops_before_anything_is_written(fake_gpu, monkeypatch, tmp_path):
     import magicseg_engine.engine.build as build
 

@@ -9,11 +9,34 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from magicseg_engine import _C
+
+def _extension_missing(err: BaseException) -> str:
+    """What to run when _C cannot be loaded: the install that builds it, for this checkout or package."""
+    root = Path(__file__).resolve().parents[2]
+    source = (root / "CMakeLists.txt").is_file() and (root / "csrc").is_dir()
+    text = str(err).strip().splitlines()
+    why = f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    if source:
+        how = (f"build it by installing the package from its source folder: pip install -e {root} "
+               "(a C++17 compiler and CMake >= 3.18 needed)")
+    else:
+        how = "reinstall the package: pip install --force-reinstall --no-deps magicseg-engine"
+    if type(err).__name__ == "CalledProcessError":
+        # An editable install made with editable.rebuild=true rebuilds _C on import; CMake's
+        # output is printed above this error.
+        why = "rebuilding it on import failed (CMake's output is above)"
+    return f"magicseg_engine._C, the package's C++ extension, cannot be loaded ({why}); {how}"
+
+
+try:
+    from magicseg_engine import _C
+except Exception as err:  # ImportError, or a failed rebuild of an editable install
+    raise ImportError(_extension_missing(err)) from err
 
 RLE = dict[str, Any]
 

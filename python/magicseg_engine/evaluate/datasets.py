@@ -154,6 +154,7 @@ def find_root(layout: Layout, root: Path, split: str) -> Path:
             return folder
     if not root.is_dir():
         raise UsageError(f"--root {root} is not a folder; point it at a {layout.title} dataset")
+    _refuse_run(root)
     # A layout whose split is missing is a different mistake from a wrong root.
     marker = layout.split_file or layout.image_dir
     for folder in candidates:
@@ -164,6 +165,29 @@ def find_root(layout: Layout, root: Path, split: str) -> Path:
                              "check --split")
     where = f" (or in its {', '.join(layout.nested)})" if layout.nested else ""
     raise UsageError(f"--root {root} is not a {layout.title} layout: expected {layout.describe(split)} in it{where}")
+
+
+def _refuse_run(root: Path) -> None:
+    """A generate run is not a dataset layout: say how to make one of it (it needs masks first)."""
+    import json
+    import shlex
+
+    try:
+        saved = json.loads((root / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    config = saved.get("config") if isinstance(saved, dict) else None
+    masks = config.get("masks") if isinstance(config, dict) else None
+    source = masks.get("source") if isinstance(masks, dict) else None
+    quoted = shlex.quote(str(root))
+    if source == "none":
+        raise UsageError(f"--root {root} is a run generated with --mask-source none: it has no masks to score "
+                         f"against; annotate it first (magicseg-engine masks --data {quoted} "
+                         f"--out {shlex.quote(str(root) + '-masks')} --mask-source detector), export that run "
+                         "with export --format mmseg, and evaluate the export with --dataset mmseg")
+    raise UsageError(f"--root {root} is a run written by generate, not a dataset; export it first "
+                     f"(magicseg-engine export --data {quoted} --format mmseg --out {shlex.quote(str(root) + '-mmseg')}) "
+                     "and evaluate the export with --dataset mmseg")
 
 
 def _class_file_names(path: Path) -> tuple[str, ...]:

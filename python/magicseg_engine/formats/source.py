@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,8 @@ def open_run(data: Path, *, partial: bool, classes: str | None = None) -> RunSou
     saved = json.loads((data / RUN_FILE).read_text(encoding="utf-8"))
     if saved.get("config", {}).get("masks", {}).get("source") == "none":
         raise UsageError(f"{data} was generated with --mask-source none and has no masks to export; annotate it "
-                         "first: magicseg-engine masks --data RUN --out RUN-masks --mask-source detector")
+                         f"first: magicseg-engine masks --data {shlex.quote(str(data))} "
+                         f"--out {shlex.quote(str(data) + '-masks')} --mask-source detector, then export that run")
     records = read_records(data / PROMPTS_FILE)
     # Read-only, sizes checked: a run still being generated is left as it is, and each shard's
     # sha256 is checked as it is exported (reading the run twice would double the export's time).

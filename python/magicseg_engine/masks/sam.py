@@ -16,7 +16,6 @@ the batched path is tested against, and the baseline it is measured against.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -221,24 +220,6 @@ def _cast_to_float32(module: torch.nn.Module, args: tuple, output: torch.Tensor)
 # --- checkpoints --------------------------------------------------------------------------
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-
-
-def _why_unreadable(err: BaseException) -> str:
-    # torch's own messages run to several sentences, and the weights-only one suggests turning
-    # the safety off; say what is wrong with the file instead.
-    if isinstance(err, EOFError):
-        return "the file is empty or truncated"
-    if isinstance(err, pickle.UnpicklingError):
-        return "not a tensor checkpoint: the file is corrupt or holds pickled objects besides tensors"
-    text = _one_line(err)
-    if "zip archive" in text or "central directory" in text:
-        return "the file is truncated or corrupt"
-    return text.split(". ", 1)[0]
-
-
 def _expected_file(model_type: str) -> str:
     official = _OFFICIAL_FILES.get(model_type)
     if official:
@@ -253,12 +234,14 @@ def _read_checkpoint(path: Path, model_type: str) -> dict[str, torch.Tensor]:
         raise UsageError(f"SAM checkpoint {path} does not exist; expected {_expected_file(model_type)}")
     if path.is_dir():
         raise UsageError(f"SAM checkpoint {path} is a folder; expected {_expected_file(model_type)}")
+    from magicseg_engine.safe_files import load_torch_file, why_unreadable
+
     try:
-        # weights_only: a checkpoint is data, and unpickling arbitrary objects could run code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Weights only: a checkpoint is data, and unpickling arbitrary objects could run code.
+        state = load_torch_file(path)
     except Exception as err:
         raise UsageError(
-            f"cannot read SAM checkpoint {path} ({_why_unreadable(err)}); expected {_expected_file(model_type)}"
+            f"cannot read SAM checkpoint {path} ({why_unreadable(err)}); expected {_expected_file(model_type)}"
         ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()

@@ -195,11 +195,15 @@ def save_checkpoint(out: Path, step: int, state: dict, keep: int) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict:
+    from magicseg_engine.safe_files import load_torch_file, why_unreadable
+
+    # Weights only: a checkpoint is tensors and plain values (the loader and schedule states
+    # included), and one from elsewhere could otherwise run code as it is unpickled.
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_torch_file(path)
     except Exception as err:
-        raise UsageError(f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to resume from "
-                         "the one before") from None
+        raise UsageError(f"checkpoint {path} cannot be read ({why_unreadable(err)}); use a checkpoint pretrain "
+                         "wrote (delete this one to resume from the one before)") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path} is not a magicseg-engine pretraining checkpoint")
     return state
@@ -248,6 +252,28 @@ def _seed_step(seed: int, step: int, micro: int, rank: int) -> np.random.Generat
     return np.random.default_rng(words)
 
 
+def masks_command(data: Path) -> str:
+    """The command that gives a run without masks its masks, in a new run beside it."""
+    import shlex
+
+    return (f"magicseg-engine masks --data {shlex.quote(str(data))} --out {shlex.quote(str(data) + '-masks')} "
+            "--mask-source detector")
+
+
+def check_has_masks(data: Path) -> None:
+    """UsageError for a run generated with --mask-source none: it has no label maps to learn from,
+    and the loader would only find that out after indexing every shard."""
+    try:
+        saved = json.loads((Path(data) / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no run.json (a synthetic run): the loader counts what each sample holds
+    config = saved.get("config") if isinstance(saved, dict) else None
+    masks = config.get("masks") if isinstance(config, dict) else None
+    if isinstance(masks, dict) and masks.get("source") == "none":
+        raise UsageError(f"{data} was generated with --mask-source none and has no masks to train on; annotate it "
+                         f"first with `{masks_command(data)}`, then pretrain on {str(data) + '-masks'}")
+
+
 def build_loader(config: PretrainConfig, data: Path, dist: Distributed, vocabulary: Sequence[str] | None,
                  device: torch.device):
     common = dict(seed=config.seed, rank=dist.rank, world_size=dist.world_size, vocabulary=vocabulary)
@@ -266,8 +292,9 @@ def build_loader(config: PretrainConfig, data: Path, dist: Distributed, vocabula
 def pretrain(config: PretrainConfig, data: Path, out: Path, *, device: str = "cpu", resume: bool = False,
              on_step: Callable[[int, int, dict], None] | None = None) -> PretrainSummary:
     """Train `config` on the run directory `data` into `out`; see the module docstring."""
-    dist, dev = init_distributed(device)
     data, out = Path(data), Path(out)
+    check_has_masks(data)
+    dist, dev = init_distributed(device)
     start = 0
     saved = None
     if resume:
@@ -281,7 +308,13 @@ def pretrain(config: PretrainConfig, data: Path, out: Path, *, device: str = "cp
         raise UsageError(f"{out} already holds a pretraining run; pass --resume to continue it or choose another --out")
 
     vocabulary = config.vocabulary
-    loader = build_loader(config, data, dist, vocabulary, dev)
+    try:
+        loader = build_loader(config, data, dist, vocabulary, dev)
+    except ValueError as err:
+        # The loaders' refusals (too few usable samples for the ranks, settings they cannot
+        # take) are about the data and flags given, so they are reported as such.
+        hint = ("; samples without masks need annotating first: " + masks_command(data)) if "no_mask" in str(err) else ""
+        raise UsageError(f"{err}{hint}") from None
     if vocabulary is None:
         vocabulary = list(loader.index.classes)
     if not vocabulary:

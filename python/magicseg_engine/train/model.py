@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import warnings
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -597,21 +595,22 @@ def load_clip_weights(model: MagicSegModel, path: str | Path, allow_missing: boo
 def _read_state_dict(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist")
+    from magicseg_engine.safe_files import is_torchscript, load_torch_file, torchscript_tensors, why_unreadable
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        if _is_torchscript(path):
-            # OpenAI released its CLIP weights as TorchScript archives.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-                obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+        if is_torchscript(path):
+            # OpenAI released its CLIP weights as TorchScript archives; their tensors are read
+            # without torch.jit.load, which would run the archive's code.
+            obj = torchscript_tensors(path)
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = load_torch_file(path)
     except Exception as err:
-        text = str(err).strip().splitlines()
-        raise UsageError(f"cannot read checkpoint {path}: {type(err).__name__}: {text[0] if text else ''}") from None
+        raise UsageError(f"cannot read checkpoint {path} ({why_unreadable(err)}); give open_clip's or OpenAI's "
+                         "CLIP weights, or a .safetensors file") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -619,14 +618,6 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise UsageError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     return obj
-
-
-def _is_torchscript(path: Path) -> bool:
-    # The test torch.load itself uses: TorchScript archives are zips with a constants.pkl.
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(name.endswith("constants.pkl") for name in z.namelist())
 
 
 def _normalise_keys(state: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -117,13 +117,21 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 def load_state(path: Path) -> dict[str, Any] | None:
     """The checkpoint `save_state` wrote at `path`, None if there is none; UsageError if damaged."""
+    from magicseg_engine.safe_files import load_torch_file, why_unreadable
+
     if not path.is_file():
         return None
+    # Weights only: the states hold tensors and plain values, and a file put in their place
+    # could otherwise run code as it is unpickled.
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = load_torch_file(path)
     except Exception as err:
-        raise UsageError(f"the checkpoint {path} is damaged ({type(err).__name__}); "
+        raise UsageError(f"the checkpoint {path} cannot be read ({why_unreadable(err)}); "
                          "start again with --overwrite") from None
+    if not isinstance(state, dict):
+        raise UsageError(f"the checkpoint {path} holds a {type(state).__name__}, not a training state; "
+                         "start again with --overwrite")
+    return state
 
 
 def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, clip: list[torch.nn.Parameter] | None = None) -> float:
