@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from magicseg_engine.generate.sampler import UNetBatchLayout
 from magicseg_engine.generate.tokenizer import ClipTokenizer
 from magicseg_engine.kernels import attention_capture as kernel
-from magicseg_engine.prompts.counterfactual import name_forms
+from magicseg_engine.prompts.counterfactual import find_mentions
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ class AttentionCapture:
             raise ValueError(f"{len(prompts)} prompts but {len(classes)} class lists")
         self._prompts = list(prompts)
         self._classes = [tuple(c) for c in classes]
-        self._positions = [[self._class_positions(p, name) for name in names]
+        self._positions = [[self._class_positions(p, name, names) for name in names]
                            for p, names in zip(self._prompts, self._classes)]
         self._missing = [[name for name, pos in zip(names, positions) if not pos]
                          for names, positions in zip(self._classes, self._positions)]
@@ -361,21 +361,21 @@ class AttentionCapture:
         self._token_index = index
         self._index_on = {}
 
-    def _class_positions(self, prompt: str, name: str) -> list[int]:
-        # Every form (dog/dogs, person/people) and every occurrence: attention to any of them
-        # is attention to the class. Multi-word names may be hyphenated in the prompt.
-        # The hyphens of "traffic-light" are tokens of their own and say nothing about the class.
+    def _class_positions(self, prompt: str, name: str, classes: Sequence[str]) -> list[int]:
+        # The tokens of the class's mentions as the counterfactual rewrite finds them (every
+        # form, every occurrence; not "dog" inside "hot dog", a modifier such as "bus" in "bus
+        # stop", or a possessive), so the maps read exactly the words the negative removes. BPE
+        # splits at word boundaries, so a span's tokens are those of the prompt up to its end
+        # minus those up to its start. The hyphens of "traffic-light" are tokens of their own
+        # and say nothing about the class; a mention cut off by the context length is left out.
+        ids = self.tokenizer([prompt])[0].tolist()
+        hyphen_ids = set(self.tokenizer.encode("-"))
         positions: set[int] = set()
-        hyphens: set[int] = set()
-        for form in name_forms(name):
-            positions.update(p for span in self.tokenizer.token_spans(prompt, form) for p in span)
-            if " " in form:
-                hyphenated = form.replace(" ", "-")
-                hyphens.update(p for span in self.tokenizer.token_spans(prompt, hyphenated) for p in span)
-        if hyphens:
-            ids = self.tokenizer([prompt])[0].tolist()
-            hyphen_ids = set(self.tokenizer.encode("-"))
-            positions.update(p for p in hyphens if ids[p] not in hyphen_ids)
+        for start, end in find_mentions(prompt, name, classes=classes):
+            first = 1 + len(self.tokenizer.encode(prompt[:start]))  # 1: the start token
+            stop = 1 + len(self.tokenizer.encode(prompt[:end]))
+            if stop - 1 <= self.tokenizer.context_length - 2:
+                positions.update(p for p in range(first, stop) if ids[p] not in hyphen_ids)
         return sorted(positions)
 
     @property
