@@ -12,19 +12,22 @@ at most 2**-11, so rtol 1e-3).
 import pytest
 import torch
 
+from launch_spy import LaunchSpy
+
 from magicseg_engine.kernels import attention_capture
 from magicseg_engine.kernels.attention_capture import class_attention, class_attention_reference
 from magicseg_engine.kernels.precision import IEEE, dot_precision
-from launch_spy import LaunchSpy
 
 ATOL, RTOL = 2e-6, 1e-5
 RTOL_16_BIT_DOTS = 1e-3
 L = 77  # CLIP's context length, as in Stable Diffusion
 
+
 def tolerances(dtype) -> dict:
     """assert_close's atol and rtol for the kernel launched here on `dtype` inputs."""
     sixteen_bit = dot_precision(dtype, attention_capture._INTERPRETED) != IEEE
     return {"atol": ATOL, "rtol": RTOL_16_BIT_DOTS if sixteen_bit else RTOL}
+
 
 def make_inputs(r, h, n, d, c, t, dtype=torch.float32, seed=0, device="cpu", length=L):
     gen = torch.Generator().manual_seed(seed)
@@ -39,6 +42,7 @@ def make_inputs(r, h, n, d, c, t, dtype=torch.float32, seed=0, device="cpu", len
     index[0, 0] = -1  # always one class with no tokens
     return q.to(device, dtype), k.to(device, dtype), index.to(device)
 
+
 SHAPES = [
     # r, h, n, d, c, t
     (1, 1, 1, 40, 1, 1),
@@ -47,6 +51,7 @@ SHAPES = [
     (3, 2, 67, 80, 2, 3),
     (2, 5, 16, 64, 4, 2),
 ]
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "r{}h{}n{}d{}c{}t{}".format(*s))
@@ -59,6 +64,7 @@ def test_kernel_matches_reference(shape, dtype, triton_device):
     torch.testing.assert_close(got, want, **tolerances(dtype))
     assert torch.equal(got[0, 0], torch.zeros_like(got[0, 0]))  # the class with no tokens
 
+
 def test_reference_is_a_probability_mass(triton_device):
     q, k, _ = make_inputs(2, 3, 10, 40, 1, 1, device=triton_device)
     everything = torch.arange(L, dtype=torch.int32, device=triton_device).expand(2, 1, L)
@@ -69,6 +75,7 @@ def test_reference_is_a_probability_mass(triton_device):
     halves = torch.stack([torch.arange(0, 38), torch.arange(38, 76)]).int().expand(2, 2, 38).to(triton_device)
     split = class_attention(q, k, halves, 0.2)
     assert torch.all(split.sum(1) < 1) and torch.all(split > 0)
+
 
 def test_strided_head_split_views_and_large_logits(triton_device):
     # The UNet hands over q as [B, N, H*D] viewed as [B, H, N, D]; no copy is made for the kernel.
@@ -81,6 +88,7 @@ def test_strided_head_split_views_and_large_logits(triton_device):
                          device=triton_device)
     torch.testing.assert_close(class_attention(q, k, index, d**-0.5), class_attention_reference(q, k, index, d**-0.5),
                                atol=ATOL, rtol=RTOL)
+
 
 def test_accumulates_into_out_with_weight(triton_device):
     q, k, index = make_inputs(2, 3, 31, 64, 3, 4, seed=3, device=triton_device)
@@ -95,6 +103,7 @@ def test_accumulates_into_out_with_weight(triton_device):
     # Without `out` the result is scaled the same way, into a fresh tensor.
     torch.testing.assert_close(class_attention(q, k, index, 0.125, weight=0.5), 0.5 * ref, atol=ATOL, rtol=RTOL)
 
+
 def test_accumulates_into_a_slice_of_a_larger_buffer(triton_device):
     # Positive and negative rows are written into the two halves of one buffer.
     q, k, index = make_inputs(2, 2, 9, 40, 2, 2, seed=4, device=triton_device)
@@ -102,6 +111,7 @@ def test_accumulates_into_a_slice_of_a_larger_buffer(triton_device):
     class_attention(q, k, index, 0.1, out=buf[2:])
     assert not buf[:2].any()
     torch.testing.assert_close(buf[2:], class_attention_reference(q, k, index, 0.1), atol=ATOL, rtol=RTOL)
+
 
 def test_rejects_mismatched_arguments(triton_device):
     q, k, index = make_inputs(2, 2, 9, 40, 2, 2, device=triton_device)
@@ -111,6 +121,7 @@ def test_rejects_mismatched_arguments(triton_device):
         class_attention(q, k, index[:, :, 0], 0.1)
     with pytest.raises(ValueError):
         class_attention(q, k, index, 0.1, out=torch.zeros(2, 2, 9, dtype=torch.float16, device=triton_device))
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_launch_gets_the_precision_of_its_inputs(monkeypatch, triton_device, dtype):
@@ -123,6 +134,7 @@ def test_launch_gets_the_precision_of_its_inputs(monkeypatch, triton_device, dty
     assert spy.dots == [want, IEEE]
     assert want == IEEE or not attention_capture._INTERPRETED
 
+
 @pytest.mark.parametrize("shape", SHAPES[1:3], ids=lambda s: "r{}h{}n{}d{}c{}t{}".format(*s))
 def test_float16_operand_path_matches_reference(monkeypatch, triton_device, shape):
     """The kernel's 16-bit branch, forced for float16 under the interpreter too (whose float16
@@ -132,6 +144,7 @@ def test_float16_operand_path_matches_reference(monkeypatch, triton_device, shap
     scale = shape[3] ** -0.5
     torch.testing.assert_close(class_attention(q, k, index, scale), class_attention_reference(q, k, index, scale),
                                atol=ATOL, rtol=RTOL_16_BIT_DOTS)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -145,6 +158,7 @@ def test_compiled_kernel_matches_reference_on_gpu(shape, dtype):
     class_attention(q, k, index, scale, out=out, weight=0.5)
     assert (dot_precision(dtype, interpreted=False) != IEEE) == (dtype != torch.float32)
     torch.testing.assert_close(out, want, **tolerances(dtype))
+
 
 @pytest.mark.parametrize(("layers", "groups"), [(1, 1), (3, 2), (2, 1)])
 def test_several_layers_at_once_equal_the_reference_per_layer(layers, groups):
@@ -165,6 +179,7 @@ def test_several_layers_at_once_equal_the_reference_per_layer(layers, groups):
     assert got.shape == (groups * b, c, n)
     torch.testing.assert_close(got, want, atol=ATOL * layers, rtol=RTOL)
     assert (got[0, 0] == 0).all()  # the class with no tokens
+
 
 def test_several_layers_refuse_rows_that_are_not_groups_of_the_keys():
     from magicseg_engine.kernels.attention_capture import class_attention_layers

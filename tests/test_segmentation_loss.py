@@ -24,10 +24,11 @@ import pytest
 import torch
 import torchvision
 
+from launch_spy import LaunchSpy
+
 from magicseg_engine.kernels import segmentation_loss as seg
 from magicseg_engine.kernels.precision import BF16, FP16, IEEE, dot_precision
 from magicseg_engine.kernels.segmentation_loss import segmentation_losses, segmentation_losses_reference
-from launch_spy import LaunchSpy
 
 ATOL, RTOL = 1e-6, 1e-5
 # Gradients of 16-bit inputs come back in that dtype: a few of its ulps apart.
@@ -40,6 +41,7 @@ IGNORE = 255
 # The loss a caller would train on: distinct weights so that a mix-up of the two gradients shows.
 FOCAL_WEIGHT, DICE_WEIGHT = 20.0, 1.0
 
+
 def make_inputs(b, p, k, d, dtype=torch.float32, seed=0, device="cpu"):
     """Unit-norm embeddings (as CLIP's) and labels mixing candidates, background (-1) and ignored pixels."""
     gen = torch.Generator().manual_seed(seed)
@@ -48,6 +50,7 @@ def make_inputs(b, p, k, d, dtype=torch.float32, seed=0, device="cpu"):
     labels = torch.randint(-1, k, (b, p), generator=gen)
     labels[torch.rand(b, p, generator=gen) < 0.15] = IGNORE
     return pixels.to(device, dtype), classes.to(device, dtype), labels.to(device)
+
 
 def both_paths(pixels, classes, labels, weights=(FOCAL_WEIGHT, DICE_WEIGHT), **kwargs):
     """[(focal, dice, grad pixels, grad classes)] of the Triton path, then of the reference."""
@@ -60,9 +63,11 @@ def both_paths(pixels, classes, labels, weights=(FOCAL_WEIGHT, DICE_WEIGHT), **k
         results.append((focal, dice, *grads))
     return results
 
+
 def sixteen_bit_dots(dtype) -> bool:
     """Whether the kernels, launched here on `dtype` inputs, multiply 16-bit operands."""
     return dot_precision(dtype, seg._INTERPRETED) != IEEE
+
 
 def assert_grad_close(got, want, sixteen_bit):
     if sixteen_bit:
@@ -73,6 +78,7 @@ def assert_grad_close(got, want, sixteen_bit):
     else:
         atol, rtol = GRAD_TOL[want.dtype]
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
 
 def assert_paths_agree(pixels, classes, labels, sixteen_bit=None, weights=(FOCAL_WEIGHT, DICE_WEIGHT), **kwargs):
     kwargs.setdefault("logit_scale", 10.0)
@@ -88,6 +94,7 @@ def assert_paths_agree(pixels, classes, labels, sixteen_bit=None, weights=(FOCAL
     assert_grad_close(g_cls, ref_cls, sixteen_bit)
     return focal, dice
 
+
 SHAPES = [
     # b, p, k, d
     (1, 7, 1, 3),       # a single candidate, everything smaller than one block
@@ -95,9 +102,11 @@ SHAPES = [
     (3, 64, 16, 64),    # exact multiples of the blocks
 ]
 
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}p{}k{}d{}".format(*s))
 def test_kernels_match_reference(shape, triton_device):
     assert_paths_agree(*make_inputs(*shape, seed=sum(shape), device=triton_device), bias=-2.0)
+
 
 # One block of candidates covers up to 128; more take the multi-block path (the pixel gradient
 # added block after block, the forward and class gradient with a grid axis over blocks).
@@ -108,13 +117,16 @@ MANY_CLASSES = [
     (1, 301, 300, 16),  # three blocks, 5 pixel tiles over 2 class-gradient splits
 ]
 
+
 @pytest.mark.parametrize("shape", MANY_CLASSES, ids=lambda s: "b{}p{}k{}d{}".format(*s))
 def test_many_classes_match_reference(shape, triton_device):
     assert_paths_agree(*make_inputs(*shape, seed=sum(shape), device=triton_device), bias=-1.0)
 
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_16_bit_inputs_accumulate_in_float32(dtype, triton_device):
     assert_paths_agree(*make_inputs(2, 90, 19, 40, dtype=dtype, seed=5, device=triton_device), bias=-1.0)
+
 
 def test_fully_ignored_image_and_all_background_image(triton_device):
     pixels, classes, labels = make_inputs(3, 70, 5, 24, seed=7, device=triton_device)
@@ -127,11 +139,13 @@ def test_fully_ignored_image_and_all_background_image(triton_device):
     torch.testing.assert_close(focal, rest_focal, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(dice, rest_dice * 2 / 3, atol=ATOL, rtol=RTOL)
 
+
 def test_everything_ignored_gives_zero_loss_and_gradient(triton_device):
     pixels, classes, labels = make_inputs(2, 20, 3, 16, seed=8, device=triton_device)
     (focal, dice, g_pix, g_cls), _ = both_paths(pixels, classes, torch.full_like(labels, IGNORE), logit_scale=10.0)
     assert focal.item() == 0 and dice.item() == 0
     assert not g_pix.any() and not g_cls.any()
+
 
 def test_focal_options_strided_inputs_and_extreme_logits(triton_device):
     # Pixel embeddings as a conv head produces them, [B, D, h, w] seen as [B, h*w, D]; labels
@@ -145,6 +159,7 @@ def test_focal_options_strided_inputs_and_extreme_logits(triton_device):
     assert_paths_agree(pixels, classes, labels, logit_scale=1.0, alpha=-1.0, gamma=0.0)
     assert_paths_agree(pixels * 8, classes * 8, labels, logit_scale=1.0, alpha=0.5, gamma=1.5)
 
+
 def test_gradient_of_each_loss_alone_and_of_pixels_only(triton_device):
     pixels, classes, labels = make_inputs(2, 75, 6, 20, seed=10, device=triton_device)
     for pick in (0, 1):
@@ -155,12 +170,14 @@ def test_gradient_of_each_loss_alone_and_of_pixels_only(triton_device):
             grads.append(torch.autograd.grad(loss, pix)[0])
         torch.testing.assert_close(grads[0], grads[1], atol=ATOL, rtol=RTOL)
 
+
 def test_default_path_on_cpu_is_the_reference():
     pixels, classes, labels = make_inputs(2, 30, 4, 16, seed=11)
     want = segmentation_losses_reference(pixels, classes, labels, logit_scale=10.0)
     for use_triton in (None, False):
         got = segmentation_losses(pixels, classes, labels, logit_scale=10.0, use_triton=use_triton)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+
 
 def test_reference_matches_textbook_formulas():
     pixels, classes, labels = make_inputs(2, 40, 3, 16, seed=12)
@@ -181,6 +198,7 @@ def test_reference_matches_textbook_formulas():
     torch.testing.assert_close(focal, want_focal / (valid_pixels * 3), atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(dice, want_dice / 6, atol=ATOL, rtol=RTOL)
 
+
 def test_rejects_mismatched_arguments():
     pixels, classes, labels = make_inputs(2, 10, 3, 16)
     with pytest.raises(ValueError):
@@ -190,8 +208,10 @@ def test_rejects_mismatched_arguments():
     with pytest.raises(TypeError):
         segmentation_losses(pixels, classes, labels.float(), logit_scale=1.0)
 
+
 # ------------------------------------------------------------------------------------------------
 # Dot precision, block sizes and the class-gradient grid
+
 
 @pytest.mark.parametrize(("dtype", "compiled", "interpreted"), [
     (torch.float32, IEEE, IEEE),
@@ -204,6 +224,7 @@ def test_rejects_mismatched_arguments():
 def test_dot_precision_by_dtype_and_mode(dtype, compiled, interpreted):
     assert dot_precision(dtype, interpreted=False) == compiled
     assert dot_precision(dtype, interpreted=True) == interpreted
+
 
 @pytest.mark.parametrize(("pixel_dtype", "class_dtype"), [
     (torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
@@ -223,16 +244,19 @@ def test_every_launch_gets_the_precision_of_its_inputs(monkeypatch, triton_devic
         assert want == IEEE
     assert {name: spy.dots for name, spy in spies.items()} == {name: [want] for name in spies}
 
+
 def force_float16_operands(monkeypatch):
     """The kernels' 16-bit branch for float16 inputs, under the interpreter too (whose float16
     products are right; compiled, it is the branch float16 takes anyway)."""
     monkeypatch.setattr(seg, "dot_precision", lambda dtype, interpreted: FP16 if dtype == torch.float16 else IEEE)
+
 
 @pytest.mark.parametrize("shape", [(2, 150, 37, 80), (1, 77, 129, 20)], ids=lambda s: "b{}p{}k{}d{}".format(*s))
 def test_float16_operand_path_matches_reference(monkeypatch, triton_device, shape):
     force_float16_operands(monkeypatch)
     assert_paths_agree(*make_inputs(*shape, dtype=torch.float16, seed=14, device=triton_device),
                        sixteen_bit=True, bias=-1.0)
+
 
 def test_float16_gradient_tiles_are_scaled_before_rounding(monkeypatch, triton_device):
     """Per-logit gradients of ~1e-7, float16 subnormals, summed over 4096 nearly equal pixels
@@ -250,6 +274,7 @@ def test_float16_gradient_tiles_are_scaled_before_rounding(monkeypatch, triton_d
     assert 1e-4 < ref_cls.abs().max() < 1e-3
     assert_grad_close(g_cls, ref_cls, sixteen_bit=True)
 
+
 def test_one_block_of_candidates_up_to_128():
     for compiled in (False, True):
         for dot in (IEEE, BF16):
@@ -257,6 +282,7 @@ def test_one_block_of_candidates_up_to_128():
             assert seg._blocks(129, 512, compiled, dot)[1] == 128
             assert seg._blocks(20, 512, compiled, dot)[1] == 32
             assert seg._blocks(1, 3, compiled, dot)[1] == 16  # tl.dot's smallest
+
 
 def test_class_gradient_grid_fills_the_gpu_within_its_memory_budget():
     sms = 132  # H100 SXM
@@ -282,6 +308,7 @@ def test_class_gradient_grid_fills_the_gpu_within_its_memory_budget():
     assert seg._class_splits(1, 3, 5, 300, 16, 1) == 2
     assert seg._class_splits(3, 1, 10, 16, 64, 1) == 2
     assert seg._class_splits(2, 0, 0, 0, 16, sms) == 1
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
