@@ -3,9 +3,12 @@ import io
 import json
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +21,22 @@ from typer.testing import CliRunner
 from magicseg_engine.cli import app
 from magicseg_engine.config import load_preset
 from magicseg_engine.data.shards import finished_keys, iter_samples, sample_key
+from magicseg_engine.errors import UsageError
+from magicseg_engine.generate.models import model_identity
 from magicseg_engine.generate.sampler import PairedSampler, SamplingSettings, initial_noise
-from magicseg_engine.pipeline import ExecutionOptions, build_sampler, generate_pairs, open_run, start_run
+from magicseg_engine.pipeline import (
+    RUN_CRASH_ENV,
+    STARTING,
+    ExecutionOptions,
+    build_sampler,
+    generate_pairs,
+    keyed_records,
+    open_run,
+    record_summary,
+    start_run,
+)
 from magicseg_engine.prompts import build_prompts
+from magicseg_engine.prompts.records import read_records
 from magicseg_engine.vocab import load_vocabulary
 
 TINY = load_preset("tiny")
@@ -260,3 +276,244 @@ def test_classes_without_a_count_is_a_usage_error(tmp_path):
     result = invoke("generate", "--out", tmp_path / "run")
     assert result.exit_code == 2 and "say what to render" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --- interrupted starts, overwrites and finishes -------------------------------------------------
+# Each step of start_run and record_summary is killed in a forked child (MAGICSEG_RUN_CRASH_AT),
+# then the directory is taken up as the CLI would with --resume, a bare --resume and --overwrite;
+# each must end in exactly the intended run.
+
+START_POINTS = ["start_marker_tmp", "start_marked", "start_clearing", "start_cleared", "start_prompts_tmp",
+                "start_prompts", "start_commit_tmp", "start_done"]
+FINISH_POINTS = ["finish_begin", "finish_summary_tmp"]
+OLD, NEW = load_preset("tiny", {"seed": 1}), load_preset("tiny", {"seed": 2})
+VOC = load_vocabulary("voc").classes
+
+
+def _killed_at(point, fn, *args):
+    """fn(*args) in a forked child that SIGKILLs itself at `point`; the child touches files only."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.environ[RUN_CRASH_ENV] = point
+            fn(*args)
+        finally:
+            os._exit(3)  # reached only if the crash point was not
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (point, status)
+
+
+def _session(out, sampler, config, recs, *, resume=False, overwrite=False, vocabulary=VOC):
+    """What `generate` does with the run directory: open, start if fresh, render, finish."""
+    plan = open_run(out, config, recs, resume, overwrite)
+    if plan.fresh:
+        start_run(out, config, plan.records, vocabulary)
+    summary = generate_pairs(out, config, plan.records, sampler, ExecutionOptions(batch_size=2, samples_per_shard=1))
+    record_summary(out, summary, {})
+    return plan
+
+
+def _assert_exact_run(out, config, recs, model_id):
+    """run.json, prompts and shards are those of this run alone, each pair once, nothing left over."""
+    saved = json.loads((out / "run.json").read_text())
+    assert STARTING not in saved and saved["config"] == config.model_dump(mode="json")
+    assert saved["vocabulary"] == list(VOC) and saved["sessions"]
+    assert [r.id for r in read_records(out / "prompts.jsonl")] == [r.id for r in recs]
+    expected = {k for k, _ in keyed_records(model_id, recs)}
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    listed = [k for line in manifest for k in line["keys"]]
+    assert sorted(listed) == sorted(expected)  # each pair once, none of another run
+    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(line["shard"] for line in manifest)
+    for line in manifest:
+        data = (out / "shards" / line["shard"]).read_bytes()
+        assert len(data) == line["bytes"] and hashlib.sha256(data).hexdigest() == line["sha256"]
+        with tarfile.open(out / "shards" / line["shard"]) as tar:
+            assert [n.split(".", 1)[0] for n in tar.getnames() if n.endswith(".json")] == line["keys"]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not (out / "dropped.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory, sampler):
+    """A finished run of OLD's settings, copied by the tests that overwrite it."""
+    out = tmp_path_factory.mktemp("old") / "run"
+    _session(out, sampler, OLD, records(2, seed=1))
+    return out
+
+
+@pytest.mark.parametrize("over_old", [False, True], ids=["new-dir", "overwrite"])
+@pytest.mark.parametrize("point", START_POINTS)
+def test_a_start_killed_at_any_step_is_completed_or_replaced(tmp_path, sampler, old_run, point, over_old, caplog):
+    killed = tmp_path / "killed"
+    if over_old:
+        shutil.copytree(old_run, killed)
+    new_recs = records(2, seed=2)
+    _killed_at(point, start_run, killed, NEW, new_recs, VOC)
+    model_id = sampler.models.model_id
+    committed = point == "start_done"
+    marked = point not in ("start_marker_tmp",)  # run.json says "starting" (or, at start_done, started)
+
+    # --overwrite with the new flags: always the new run, and one line when it replaces a start.
+    out = tmp_path / "overwrite"
+    shutil.copytree(killed, out)
+    with caplog.at_level(logging.WARNING):
+        _session(out, sampler, NEW, new_recs, overwrite=True)
+    notes = [r.getMessage() for r in caplog.records if r.name == "magicseg_engine.pipeline"]
+    if marked and not committed:
+        assert notes == [f"{out} holds a run whose start was interrupted; replacing it"]
+    elif not over_old and not marked:  # no run.json yet, only a temporary file
+        assert len(notes) == 1 and "starting the run again" in notes[0], notes
+    else:
+        assert notes == []
+    _assert_exact_run(out, NEW, new_recs, model_id)
+
+    # --resume with the new flags: completes the start, unless the overwrite never got as far as
+    # run.json, in which case the old run is intact and continues with its own flags.
+    out = tmp_path / "resume"
+    shutil.copytree(killed, out)
+    if over_old and not marked:
+        with pytest.raises(UsageError, match="the settings differ"):
+            open_run(out, NEW, new_recs, True, False)
+        _session(out, sampler, OLD, records(2, seed=1), resume=True)
+        _assert_exact_run(out, OLD, records(2, seed=1), model_id)
+    else:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            _session(out, sampler, NEW, new_recs, resume=True)
+        notes = [r.getMessage() for r in caplog.records if r.name == "magicseg_engine.pipeline"]
+        if not committed:  # one line says what was found and what is done with it
+            assert len(notes) == 1 and "interrupted" in notes[0], notes
+            assert ("completing its start" if marked else "starting the run again") in notes[0]
+        else:
+            assert not notes
+        _assert_exact_run(out, NEW, new_recs, model_id)
+
+    # A bare --resume (no prompt flags) completes the start once the prompts are saved; before
+    # that it says which flags it needs. The vocabulary saved by the first try is kept.
+    out = tmp_path / "bare"
+    shutil.copytree(killed, out)
+    prompts_saved = point in ("start_prompts", "start_commit_tmp", "start_done")
+    if over_old and not marked:
+        with pytest.raises(UsageError, match="the settings differ"):
+            open_run(out, NEW, None, True, False)
+    elif not prompts_saved:
+        with pytest.raises(UsageError, match="pass the flags that started it with --resume"):
+            open_run(out, NEW, None, True, False)
+    else:
+        _session(out, sampler, NEW, None, resume=True, vocabulary=None)
+        _assert_exact_run(out, NEW, new_recs, model_id)
+
+    # Neither flag: refused with a message that names both.
+    if not committed:
+        with pytest.raises(UsageError, match="--resume|--overwrite"):
+            open_run(killed, NEW, new_recs, False, False)
+
+
+@pytest.mark.parametrize("point", FINISH_POINTS)
+def test_a_finish_killed_at_any_step_resumes_or_is_replaced(tmp_path, sampler, point):
+    killed = tmp_path / "killed"
+    recs = records(2, seed=2)
+    start_run(killed, NEW, recs, VOC)
+    summary = generate_pairs(killed, NEW, recs, sampler, ExecutionOptions(batch_size=2, samples_per_shard=1))
+    _killed_at(point, record_summary, killed, summary, {})
+    assert ("finish_summary_tmp" != point) or [p for p in killed.iterdir() if p.name.endswith(".tmp")]
+    for how in ("resume", "overwrite"):
+        out = tmp_path / how
+        shutil.copytree(killed, out)
+        plan = _session(out, sampler, NEW, recs, resume=how == "resume", overwrite=how == "overwrite")
+        assert plan.fresh == (how == "overwrite")
+        _assert_exact_run(out, NEW, recs, sampler.models.model_id)
+
+
+def test_a_directory_of_something_else_is_never_taken_for_an_interrupted_start(tmp_path):
+    (tmp_path / "prompts.jsonl").write_text("")
+    (tmp_path / "notes.txt").write_text("mine")
+    for resume, overwrite in ((True, False), (False, True)):
+        with pytest.raises(UsageError, match="is not empty and holds no run"):
+            open_run(tmp_path, NEW, records(2, seed=2), resume, overwrite)
+    (tmp_path / "notes.txt").unlink()  # what an earlier version's interrupted start left
+    plan = open_run(tmp_path, NEW, records(2, seed=2), True, False)
+    assert plan.fresh
+
+
+def test_an_unreadable_run_file_is_reported_and_overwritable(tmp_path):
+    (tmp_path / "run.json").write_text("{not json")
+    with pytest.raises(UsageError, match="run.json is not a JSON object"):
+        open_run(tmp_path, NEW, records(2, seed=2), True, False)
+    assert open_run(tmp_path, NEW, records(2, seed=2), False, True).fresh
+
+
+# --- the same through the command line, killed and signalled in real processes -------------------
+
+def _cli(out, *flags, env_extra=None, num=5, seed=4, wait=True):
+    cmd = [str(Path(sys.executable).with_name("magicseg-engine")), "generate", "--preset", "tiny",
+           "--classes", "voc", "--num-pairs", str(num), "--seed", str(seed), "--batch-size", "2",
+           "--samples-per-shard", "2", "--out", str(out), "--device", "cpu", *flags]
+    env = {**os.environ, **(env_extra or {})}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _cli_config(seed):
+    return load_preset("tiny", {"seed": seed, "prompts": {"seed": seed}})
+
+
+def _assert_exact_cli_run(out, seed, num):
+    config = _cli_config(seed)
+    recs = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=num).records
+    _assert_exact_run(out, config, recs, model_identity(config.diffusion, "cpu", seed=seed))
+
+
+@pytest.mark.slow
+def test_cli_completes_an_overwrite_killed_half_way(tmp_path):
+    out = tmp_path / "run"
+    assert _cli(out).returncode == 0
+    proc = _cli(out, "--overwrite", seed=5, env_extra={RUN_CRASH_ENV: "start_clearing"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    refused = _cli(out, seed=5)
+    assert refused.returncode == 2 and "--resume to complete its start or --overwrite" in refused.stderr
+    proc = _cli(out, "--resume", seed=5)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "interrupted" in proc.stderr and "completing its start" in proc.stderr
+    _assert_exact_cli_run(out, 5, 5)
+
+
+@pytest.mark.slow
+def test_cli_resumes_after_kills_in_the_last_shard_and_the_summary(tmp_path):
+    out = tmp_path / "run"
+    # 5 pairs, 2 per shard: the third shard is the one ShardWriter.close finishes.
+    proc = _cli(out, "--resume", env_extra={"MAGICSEG_SHARDS_CRASH_AT": "before_manifest:3"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    proc = _cli(out, "--resume", env_extra={RUN_CRASH_ENV: "finish_summary_tmp"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    proc = _cli(out, "--resume")
+    assert proc.returncode == 0 and "0 pairs generated, 5 were already done" in proc.stderr, proc.stderr[-2000:]
+    _assert_exact_cli_run(out, 4, 5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_stop_cleanly_and_say_how_to_resume(tmp_path, signum, code):
+    out = tmp_path / "run"
+    proc = _cli(out, num=40, wait=False)
+    manifest = out / "manifest.jsonl"
+    deadline = time.monotonic() + 300
+    while not (manifest.exists() and manifest.stat().st_size) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err[-2000:]
+    name = signal.Signals(signum).name
+    assert f"stopped by {name}: " in err and "run the same command with --resume" in err
+    # Stopped cleanly: every batch it rendered is in a finished shard, nothing half-written is left.
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    lines = manifest.read_text().splitlines()
+    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(json.loads(x)["shard"] for x in lines)
+    kept = sum(len(json.loads(x)["keys"]) for x in lines)
+    assert 0 < kept < 40 and f"{kept} pairs are finished" in err
+    proc = _cli(out, "--resume", num=40)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _assert_exact_cli_run(out, 4, 40)

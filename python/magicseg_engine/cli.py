@@ -61,6 +61,37 @@ def reports_usage_errors(command):
     return wrapper
 
 
+def resumes_after_signals(command):
+    """SIGINT (Ctrl-C) and SIGTERM stop a run cleanly (pipeline.stop_on_signals), then one line
+    says what is kept and how to continue; exit code 128 + the signal's number, as shells report."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from magicseg_engine.pipeline import Interrupted, stop_on_signals
+
+        try:
+            with stop_on_signals():
+                return command(*args, **kwargs)
+        except Interrupted as stop:
+            out = kwargs.get("out")
+            again = ("run the same command again" if kwargs.get("resume") else
+                     "run the same command with --resume" + (" in place of --overwrite" if kwargs.get("overwrite") else ""))
+            stderr.print(f"stopped by {stop.name}: {_finished_pairs(out)} pairs are finished in {out} and kept; "
+                         f"{again} to continue", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=128 + stop.signum) from None
+
+    return wrapper
+
+
+def _finished_pairs(out) -> int:
+    from magicseg_engine.data.shards import RunState
+
+    try:
+        return len(RunState.load(out, verify=False, repair=False).finished)
+    except Exception:  # the count is a courtesy; the hint must print whatever the directory holds
+        return 0
+
+
 class RateColumn(ProgressColumn):
     """Items per second over rich's recent window, with the unit the task names."""
 
@@ -245,6 +276,7 @@ def prompts(
 
 @app.command()
 @reports_usage_errors
+@resumes_after_signals
 def generate(
     out: Annotated[Path, typer.Option("--out", help="Run directory: shards, manifest, prompts and run.json.")],
     preset: Annotated[str, typer.Option("--preset", help="tiny, shapes, sd15-random, sd21-random, sdxl-random, sd15, sd21 or sdxl.")] = "tiny",

@@ -10,11 +10,15 @@ command that writes a run — generate, masks — follows the same ones.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import queue
+import re
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,10 +31,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from magicseg_engine.atomic import atomic_write_text, check_writable_dir
+from magicseg_engine.atomic import atomic_output, check_writable_dir, fsync_dir
 from magicseg_engine.config import RunConfig, library_versions
 from magicseg_engine.data.encoding import encode_jpeg, encode_png
-from magicseg_engine.data.shards import MANIFEST, SHARDS_DIR, ShardWriter, finished_keys, iter_samples, sample_key
+from magicseg_engine.data.shards import (
+    LOCKS_DIR,
+    MANIFEST,
+    SHARDS_DIR,
+    ShardWriter,
+    finished_keys,
+    iter_samples,
+    sample_key,
+)
 from magicseg_engine.engine.backends import BACKENDS, make_runners, make_sam_runners, with_attention_kernel
 from magicseg_engine.errors import UsageError
 from magicseg_engine.generate.attention import AttentionCapture
@@ -84,6 +96,54 @@ class GenerationSummary:
 
 
 # --- run directory --------------------------------------------------------------------
+#
+# A run directory holds one run: run.json (its settings), prompts.jsonl (its pairs), shards/,
+# .locks/ and manifest.jsonl (data/shards.py), dropped.jsonl. Starting a run, in a new
+# directory or over an old run (--overwrite), takes four steps; a kill can stop the process
+# between any two of them (each file is written through atomic_output: whole or absent, at worst
+# a temporary file beside it), and every state it leaves is recognised by `open_run`:
+#
+# 1. run.json is written with the new settings and a "starting" entry naming the prompts (their
+#    count and a hash of their ids). From here the directory holds the new run, being started;
+#    an old run it held is given up, although its files are still there.
+# 2. The old run's files are deleted: shards/, .locks/, manifest.jsonl, dropped.jsonl,
+#    prompts.jsonl, temporary files of killed writes.
+# 3. prompts.jsonl is written.
+# 4. run.json is written again without "starting": the run is started, and only now can it
+#    hold a finished pair.
+#
+# Killed before step 1, the directory is as it was (plus at most a temporary file): the old run,
+# which --resume continues with its own flags, or no run, which --resume and --overwrite start.
+# Killed after it, run.json says "starting": --resume with the same flags completes the start
+# (all four steps again: nothing was rendered yet, so nothing is lost), --overwrite replaces it.
+# Finishing a session adds its summary to run.json (atomically) and deletes the temporary files
+# that killed writes of run.json and prompts.jsonl left.
+
+STARTING = "starting"
+# atomic_output's temporary files beside run.json and prompts.jsonl: `.{name}.{random}.tmp`.
+_RUN_TEMP = re.compile(r"^\.(run\.json|prompts\.jsonl)\.[^.]+\.tmp$")
+# All that a start killed before its run.json existed can leave in a directory that held no run:
+# temporary files; and, from versions that wrote prompts.jsonl before run.json, the prompts and
+# the list of dropped pairs. Nothing else is ever deleted by starting over without run.json.
+_START_REMAINS = frozenset({PROMPTS_FILE, DROPPED_FILE})
+
+# Crash tests: MAGICSEG_RUN_CRASH_AT="<point>[:<n>]" makes the process SIGKILL itself the n-th
+# time (default: the first) it reaches <point>: start_marker_tmp, start_marked, start_clearing,
+# start_cleared, start_prompts_tmp, start_prompts, start_commit_tmp, start_done (start_run's
+# steps, "_tmp": the temporary file written, not yet renamed), finish_begin, finish_summary_tmp
+# (record_summary). Unset in real runs.
+RUN_CRASH_ENV = "MAGICSEG_RUN_CRASH_AT"
+_run_crash_counts: dict[str, int] = {}
+
+
+def _crash_point(point: str) -> None:
+    name, _, nth = os.environ.get(RUN_CRASH_ENV, "").partition(":")
+    if name != point:
+        return
+    _run_crash_counts[point] = _run_crash_counts.get(point, 0) + 1
+    if _run_crash_counts[point] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
 
 def _comparable(config: RunConfig) -> dict:
     return config.model_dump(mode="json")
@@ -101,6 +161,68 @@ def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changed
 
 
+def _prompt_ids_digest(records: Sequence[PromptRecord]) -> str:
+    """What a starting run.json records of its prompts: the ids name every field that makes a pair."""
+    return hashlib.sha256("\n".join(r.id for r in records).encode("utf-8")).hexdigest()
+
+
+def read_run_file(out: Path) -> dict | None:
+    """The run.json of `out`, or None when there is none; UsageError when it is not a JSON object."""
+    path = out / RUN_FILE
+    try:
+        saved = json.loads(path.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError:  # not JSON, or not UTF-8: written by something else, or damaged
+        saved = None
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path} is not a JSON object; restore it from a copy, or pass --overwrite to replace the run")
+    return saved
+
+
+def _write_run_file(out: Path, saved: dict, crash: str) -> None:
+    with atomic_output(out / RUN_FILE) as f:
+        f.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        _crash_point(crash)  # crash tests: the temporary file there, the rename not done
+
+
+def _remove_temporary_files(out: Path) -> None:
+    """Delete what killed writes of run.json and prompts.jsonl left; the caller is the only writer."""
+    for name in os.listdir(out):
+        if _RUN_TEMP.match(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(out / name)
+
+
+def _start_remains(out: Path) -> list[str] | None:
+    """The names in `out` (which has no run.json) if all of them are what an interrupted start
+    leaves (see `_START_REMAINS`), else None: a directory of something else is never replaced."""
+    names = sorted(os.listdir(out))
+    if all(name in _START_REMAINS or _RUN_TEMP.match(name) for name in names):
+        return names
+    return None
+
+
+def _check_same_settings(out: Path, saved: dict, config: RunConfig) -> None:
+    ours = _comparable(config)
+    if saved.get("config", {}) != ours:
+        changed = _changed_fields(saved.get("config", {}), ours)
+        raise UsageError(f"--resume: the settings differ from the run in {out} ({', '.join(changed)}); "
+                         "use the same flags, or --overwrite to start again")
+
+
+def _saved_start_records(out: Path, starting: dict) -> list[PromptRecord] | None:
+    """prompts.jsonl's records if they are the ones a starting run.json names, else None (not
+    written yet, or still the old run's)."""
+    try:
+        held = read_records(out / PROMPTS_FILE)
+    except (OSError, ValueError):
+        return None
+    if len(held) == starting.get("prompts") and _prompt_ids_digest(held) == starting.get("prompt_ids_sha256"):
+        return held
+    return None
+
+
 @dataclass
 class RunPlan:
     """What `open_run` decided: the records to render, and whether the directory must be (re)initialised."""
@@ -115,29 +237,70 @@ def open_run(out: Path, config: RunConfig, records: Sequence[PromptRecord] | Non
 
     A directory that already holds a run is reopened only with `resume` (and then its saved
     configuration and prompts must match) or replaced with `overwrite`; anything else is
-    refused, so two different runs can never mix in one dataset.
+    refused, so two different runs can never mix in one dataset. A run whose start was
+    interrupted (see the protocol above) is started again by either flag, after one line that
+    says so; `start_run` then completes or replaces it.
     """
-    run_file = out / RUN_FILE
-    if run_file.exists() and not overwrite:
+    try:
+        saved = read_run_file(out)
+    except UsageError:
+        if not overwrite:
+            raise
+        saved = {}  # unreadable: --overwrite replaces it like any run
+    if saved is not None and overwrite:
+        if STARTING in saved:
+            log.warning("%s holds a run whose start was interrupted; replacing it", out)
+        return _fresh_plan(records)
+    if saved is not None and STARTING in saved:
+        return _complete_start(out, config, records, saved, resume)
+    if saved is not None:
         if not resume:
             raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        saved = json.loads(run_file.read_text(encoding="utf-8")).get("config", {})
-        ours = _comparable(config)
-        if saved != ours:
-            changed = _changed_fields(saved, ours)
-            raise UsageError(f"--resume: the settings differ from the run in {out} ({', '.join(changed)}); "
-                             "use the same flags, or --overwrite to start again")
+        _check_same_settings(out, saved, config)
         saved_records = read_records(out / PROMPTS_FILE)
         # A balanced run appends its top-up prompts after the requested ones.
-        balanced = "balance" in json.loads(run_file.read_text(encoding="utf-8"))
-        held = saved_records[: len(records)] if balanced and records is not None else saved_records
+        held = saved_records[: len(records)] if "balance" in saved and records is not None else saved_records
         if records is not None and [r.id for r in records] != [r.id for r in held]:
             raise UsageError(f"--resume: the prompts differ from the run in {out}; use the same flags or --overwrite")
         return RunPlan(saved_records, fresh=False)
-    if not run_file.exists() and out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} is not empty and holds no run; choose an empty or new directory")
+    if out.is_dir() and any(out.iterdir()):
+        remains = _start_remains(out)
+        if remains is None:
+            raise UsageError(f"{out} is not empty and holds no run; choose an empty or new directory")
+        if not (resume or overwrite):
+            raise UsageError(f"{out} holds only what an interrupted start left ({', '.join(remains)}); "
+                             "pass --resume or --overwrite to start the run again")
+        if records is None:
+            raise UsageError(f"--resume: the start of the run in {out} was interrupted before its {RUN_FILE} was "
+                             "written, so its settings are unknown; pass the flags that started it with --resume")
+        log.warning("%s holds what an interrupted start left (%s) and no %s; starting the run again",
+                    out, ", ".join(remains), RUN_FILE)
+    return _fresh_plan(records)
+
+
+def _fresh_plan(records: Sequence[PromptRecord] | None) -> RunPlan:
     if records is None:
         raise UsageError("no prompts: pass --classes with --num-pairs, or --prompts")
+    return RunPlan(list(records), fresh=True)
+
+
+def _complete_start(out: Path, config: RunConfig, records: Sequence[PromptRecord] | None,
+                    saved: dict, resume: bool) -> RunPlan:
+    """--resume of a run whose start was interrupted: the same settings and prompts start it again."""
+    if not resume:
+        raise UsageError(f"{out} holds a run whose start was interrupted; pass --resume to complete its start "
+                         "or --overwrite to replace it")
+    _check_same_settings(out, saved, config)
+    starting = saved[STARTING] if isinstance(saved[STARTING], dict) else {}
+    if records is None:
+        records = _saved_start_records(out, starting)
+        if records is None:
+            raise UsageError(f"--resume: the start of the run in {out} was interrupted before its prompts were "
+                             "saved; pass the flags that started it with --resume, or --overwrite")
+    elif len(records) != starting.get("prompts") or _prompt_ids_digest(records) != starting.get("prompt_ids_sha256"):
+        raise UsageError(f"--resume: the prompts differ from the run in {out}; use the same flags or --overwrite")
+    log.warning("%s holds a run whose start was interrupted (%s says %r); completing its start",
+                out, RUN_FILE, STARTING)
     return RunPlan(list(records), fresh=True)
 
 
@@ -145,24 +308,52 @@ def start_run(out: Path, config: RunConfig, records: Sequence[PromptRecord],
               vocabulary: Sequence[str] | None = None) -> None:
     """Initialise `out` for a new run, removing the files of a run it held before.
 
+    Follows the four steps above, so a kill anywhere leaves a directory `open_run` recognises.
     `vocabulary` (the class list the prompts drew from, in its label order) is kept in run.json,
-    so that exports number categories the same way in every run of that vocabulary.
+    so that exports number categories the same way in every run of that vocabulary; completing
+    an interrupted start without one (a bare --resume) keeps the one its first try saved.
     """
     check_writable_dir(out)
-    for name in (SHARDS_DIR, ".locks"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in (MANIFEST, RUN_FILE, PROMPTS_FILE, DROPPED_FILE):
-        (out / name).unlink(missing_ok=True)
-    write_records(out / PROMPTS_FILE, records)
-    # run.json last: its presence is what marks the directory as holding a run.
+    records = list(records)
     saved = {"config": _comparable(config), "versions": library_versions()}
+    if vocabulary is None:
+        with contextlib.suppress(UsageError):
+            before = read_run_file(out) or {}
+            if STARTING in before and before.get("config") == saved["config"] and "vocabulary" in before:
+                vocabulary = before["vocabulary"]
     if vocabulary is not None:
         saved["vocabulary"] = list(vocabulary)
-    atomic_write_text(out / RUN_FILE, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    # 1. The marker: from here a kill leaves a run that --resume completes.
+    starting = {"prompts": len(records), "prompt_ids_sha256": _prompt_ids_digest(records)}
+    _write_run_file(out, {**saved, STARTING: starting}, "start_marker_tmp")
+    _crash_point("start_marked")
+    # 2. The old run's files. The shards go first: they are most of the data, and once the
+    # manifest is gone nothing could tell a reader which of them were finished.
+    shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
+    _crash_point("start_clearing")
+    shutil.rmtree(out / LOCKS_DIR, ignore_errors=True)
+    for name in (MANIFEST, DROPPED_FILE, PROMPTS_FILE):
+        (out / name).unlink(missing_ok=True)
+    _remove_temporary_files(out)
+    fsync_dir(out)  # the deletions are durable before run.json says the run has started
+    _crash_point("start_cleared")
+    # 3. The prompts; the generator lets a crash test stop inside the write.
+    write_records(out / PROMPTS_FILE, _then_crash(records, "start_prompts_tmp"))
+    _crash_point("start_prompts")
+    # 4. The commit: run.json without the marker.
+    _write_run_file(out, saved, "start_commit_tmp")
+    _crash_point("start_done")
+
+
+def _then_crash(records: list[PromptRecord], point: str):
+    yield from records
+    _crash_point(point)
 
 
 def record_summary(out: Path, summary: GenerationSummary, extra: dict) -> None:
-    """Add the latest timings to run.json without touching its configuration."""
+    """Finish a session: add its timings to run.json without touching its configuration, and
+    delete the temporary files killed writes of run.json or prompts.jsonl left."""
+    _crash_point("finish_begin")
     path = out / RUN_FILE
     saved = json.loads(path.read_text(encoding="utf-8"))
     saved.setdefault("sessions", []).append({
@@ -173,7 +364,8 @@ def record_summary(out: Path, summary: GenerationSummary, extra: dict) -> None:
         "flagged": summary.flagged, "dropped": summary.dropped,
         "classes_not_found": summary.classes_not_found, **extra,
     })
-    atomic_write_text(path, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    _write_run_file(out, saved, "finish_summary_tmp")
+    _remove_temporary_files(out)
 
 
 # --- encoding and writing --------------------------------------------------------------
@@ -537,6 +729,45 @@ def generate_pairs(out: Path, config: RunConfig, records: Sequence[PromptRecord]
                                 on_batch=(lambda n: progress(n, len(keyed))) if progress else None)
     return GenerationSummary(len(keyed), already, rendered.generated, time.perf_counter() - start,
                              rendered.final_batch_size, **rendered.counts)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM asked the run to stop (`stop_on_signals`); `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM)):
+    """Stop on the first SIGINT or SIGTERM as on Ctrl-C, by raising `Interrupted` in the main thread.
+
+    The rendering loop then unwinds cleanly: the batch being sampled is abandoned whole, the
+    batches already handed to the writer thread are written, the open shard is finished and
+    listed, and nothing else is started. Unhandled, SIGTERM would end the process at once, which
+    the run survives too but loses the open shard's samples. A second signal while the first is
+    handled ends the process at once: waiting longer on a stuck writer helps nobody, and the run
+    directory survives an abrupt end like any kill.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    received: list[int] = []
+
+    def handler(signum, frame):
+        if received:
+            os._exit(128 + signum)
+        received.append(signum)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 # --- annotating an existing run again ------------------------------------------------------------

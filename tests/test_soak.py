@@ -1,0 +1,80 @@
+"""benchmarks/soak.py: generate SIGKILLed at random instants, resumed until its run completes, checked."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SOAK = Path(__file__).resolve().parent.parent / "benchmarks" / "soak.py"
+
+
+def load_soak():
+    spec = importlib.util.spec_from_file_location("soak_for_test", SOAK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def check(result, kills):
+    assert result["ok"], result["problems"]
+    assert result["kills"] == kills and result["kills_survived"] == kills
+    assert result["samples_lost"] == 0 and result["samples_duplicated"] == 0 and result["samples_foreign"] == 0
+    assert result["runs_completed"] >= 1 and all(not run["problems"] for run in result["runs"])
+    assert sum(result["kills_by_phase"].values()) == kills
+
+
+@pytest.mark.slow
+def test_generate_survives_50_kills_anywhere(tmp_path):
+    """The CI-sized soak: 50 SIGKILLs of forked attempts (2-4 minutes on 2 CPU cores)."""
+    out = tmp_path / "soak.json"
+    code = load_soak().main(["--kills", "50", "--pairs", "6", "--seed", "0", "--out", str(tmp_path / "work"),
+                             "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0
+    check(result, 50)
+    # The kills reached the run folder, not only the imports: shards in progress, and more phases.
+    phases = result["kills_by_phase"]
+    assert phases.get("shard_open", 0) + phases.get("between_shards", 0) > 0
+    assert len(phases) >= 3, phases
+
+
+@pytest.mark.slow
+def test_soak_runs_the_console_script_as_a_user_would(tmp_path):
+    """--spawn exec: each attempt is the installed `magicseg-engine`, imports and all."""
+    out = tmp_path / "soak.json"
+    proc = subprocess.run([sys.executable, str(SOAK), "--kills", "3", "--pairs", "4", "--seed", "2", "--spawn", "exec",
+                           "--out", str(tmp_path / "work"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok: 3 kills")
+    check(json.loads(out.read_text()), 3)
+
+
+def test_a_damaged_run_is_reported(tmp_path):
+    """The checker itself: a duplicated sample, a missing shard and a leftover file are all caught."""
+    from magicseg_engine.config import load_preset
+    from magicseg_engine.pipeline import ExecutionOptions, build_sampler, generate_pairs, start_run
+    from magicseg_engine.prompts import build_prompts
+    from magicseg_engine.vocab import load_vocabulary
+
+    soak = load_soak()
+    config = load_preset("tiny", {"seed": 3, "prompts": {"seed": 3}})
+    records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=3).records
+    run = tmp_path / "run"
+    start_run(run, config, records, load_vocabulary("voc").classes)
+    generate_pairs(run, config, records, build_sampler(config, "cpu"), ExecutionOptions(batch_size=3, samples_per_shard=2))
+    assert soak.check_run(run, 3, 3)["problems"] == []
+    manifest = (run / "manifest.jsonl").read_text().splitlines()
+    first = json.loads(manifest[0])
+    (run / "manifest.jsonl").write_text("\n".join(manifest + [manifest[0].replace(first["shard"], "magicseg-0-000009.tar")]) + "\n")
+    (run / "shards" / "magicseg-0-000009.tar").write_bytes((run / "shards" / first["shard"]).read_bytes())
+    (run / ".run.json.abc.tmp").write_text("{}")
+    checked = soak.check_run(run, 3, 3)
+    assert checked["duplicated"] == len(first["keys"]) and checked["lost"] == 0
+    assert any("left over" in p for p in checked["problems"])
+    (run / "shards" / first["shard"]).unlink()
+    assert any("not the manifest's" in p for p in soak.check_run(run, 3, 3)["problems"])
