@@ -811,22 +811,11 @@ def suite_bench(preset: str, device, item: str, s: dict) -> dict:
 
 def fast_vs_full(preset: str, device, s: dict) -> dict:
     """`bench fast`: each fast level against full mode on the same pairs, the preset's mask settings."""
-    from magicseg_engine.bench.fast import fast_mode_agreement
+    from magicseg_engine.bench.fast import fast_bench
     from magicseg_engine.bench.suite import headline
     from magicseg_engine.config import load_preset
-    from magicseg_engine.pipeline import build_sampler
-    from magicseg_engine.prompts import build_prompts
-    from magicseg_engine.vocab import load_vocabulary
 
-    config = load_preset(preset)
-    records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=s["pairs"]).records
-    sampler = build_sampler(config.model_copy(update={"masks": config.masks.model_copy(update={"source": "none"})}),
-                            device)
-    m = config.masks
-    result = fast_mode_agreement(sampler, [r.prompt for r in records], [r.negative_prompt for r in records],
-                                 [r.seed for r in records], [tuple(r.classes) for r in records], s["levels"],
-                                 capture_options={"steps": m.capture_steps, "factors": m.attention_factors},
-                                 threshold=m.threshold, reps=s["reps"])
+    result = fast_bench(load_preset(preset), device, s["levels"], s["pairs"], s["reps"])
     result["headline"] = headline("fast", result)
     return result
 

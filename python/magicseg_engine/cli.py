@@ -1240,12 +1240,9 @@ def bench_fast_command(
     json_out: BenchJson = None,
 ) -> None:
     """Fast mode against full mode on the same pairs: pairs/s, attention-map and mask agreement, image PSNR."""
-    from magicseg_engine.bench.fast import fast_mode_agreement
+    from magicseg_engine.bench.fast import fast_bench
     from magicseg_engine.config import load_preset
     from magicseg_engine.generate.fast import FAST_LEVELS
-    from magicseg_engine.pipeline import build_sampler
-    from magicseg_engine.prompts import build_prompts
-    from magicseg_engine.vocab import load_vocabulary
 
     try:
         chosen = [int(v) for v in levels.split(",") if v.strip()]
@@ -1257,15 +1254,7 @@ def bench_fast_command(
         raise UsageError("--pairs, --reps, --size and --steps must be positive")
     device = _resolve_device(device)
     config = load_preset(preset, {"diffusion": {"height": size, "width": size, "steps": steps, "model": model}})
-    records = build_prompts(config.prompts, vocab=load_vocabulary("voc" if preset != "shapes" else "shapes"),
-                            num=pairs).records
-    sampler = build_sampler(config.model_copy(update={"masks": config.masks.model_copy(update={"source": "none"})}),
-                            device)
-    m = config.masks
-    options = {"steps": m.capture_steps, "factors": m.attention_factors, "self_attention_power": m.self_attention_power}
-    result = fast_mode_agreement(sampler, [r.prompt for r in records], [r.negative_prompt for r in records],
-                                 [r.seed for r in records], [tuple(r.classes) for r in records], chosen,
-                                 capture_options=options, threshold=m.threshold, reps=reps)
+    result = fast_bench(config, device, chosen, pairs, reps)
     result["settings"] = {"preset": preset, "pairs": pairs, "levels": chosen}
     _write_bench_json(result, json_out)
     for row in result["levels"]:

@@ -149,3 +149,21 @@ def fast_mode_agreement(sampler: PairedSampler, prompts: Sequence[str], negative
             "capture": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
             "full": {"pairs_per_s": pairs / base_s, "seconds": base.seconds}, "levels": rows,
             **environment(sampler.device)}
+
+
+def fast_bench(config, device, levels: Sequence[int], pairs: int, reps: int = 3) -> dict:
+    """`bench fast` for a run configuration: `pairs` prompts of its vocabulary, its sampler without
+    a mask stage, and the capture and threshold of its mask settings."""
+    from magicseg_engine.pipeline import build_sampler
+    from magicseg_engine.prompts import build_prompts
+    from magicseg_engine.vocab import load_vocabulary
+
+    vocabulary = "shapes" if config.preset == "shapes" else "voc"
+    records = build_prompts(config.prompts, vocab=load_vocabulary(vocabulary), num=pairs).records
+    sampler = build_sampler(config.model_copy(update={"masks": config.masks.model_copy(update={"source": "none"})}),
+                            device)
+    m = config.masks
+    options = {"steps": m.capture_steps, "factors": m.attention_factors, "self_attention_power": m.self_attention_power}
+    return fast_mode_agreement(sampler, [r.prompt for r in records], [r.negative_prompt for r in records],
+                               [r.seed for r in records], [tuple(r.classes) for r in records], levels,
+                               capture_options=options, threshold=m.threshold, reps=reps)
