@@ -162,9 +162,10 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
     dtype = resolve_dtype("float32", device)
     models = sam = None
     if any(c in DIFFUSION_COMPONENTS + (CAPTURE_COMPONENT,) for c in components):
-        models = load_diffusion(config.diffusion, device, dtype, seed=config.seed)
+        models = load_diffusion(config.diffusion, device, dtype, seed=config.weights_seed)
     if any(c in SAM_COMPONENTS for c in components):
-        sam = build_sam(config.sam.model_type, config.sam.checkpoint, device=device, dtype=dtype, seed=config.seed)
+        sam = build_sam(config.sam.model_type, config.sam.checkpoint, device=device, dtype=dtype,
+                        seed=config.weights_seed)
 
     entries, exports = [], []
     for component in components:
@@ -213,7 +214,7 @@ def build_engines(config: RunConfig, out: Path, *, fmt: str, precision: str, bat
         "model_id": models.model_id if models is not None else None,
         "sam": {"model_type": config.sam.model_type, "checkpoint": config.sam.checkpoint} if sam is not None else None,
         "sam_id": sam_identity(config) if sam is not None else None,
-        "preset": config.preset, "format": fmt, "precision": precision, "batch_sizes": list(batch_sizes),
+        "preset": config.preset, "weights_seed": config.weights_seed, "format": fmt, "precision": precision, "batch_sizes": list(batch_sizes),
         "components": entries, "versions": library_versions(), "machine": device_info(torch.device(device)),
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -239,10 +240,10 @@ def _verified_components(engines: Path, model_id: str | None, needed: Sequence[s
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if any(c not in SAM_COMPONENTS for c in needed) and manifest.get("model_id") != model_id:
         raise UsageError(f"the engines in {engines} were exported from other weights ({manifest.get('model_id')}, "
-                         f"this run uses {model_id}); run build-engines again with the same preset, model and seed")
+                         f"this run uses {model_id}); run build-engines again with the same preset, model and --weights-seed")
     if any(c in SAM_COMPONENTS for c in needed) and manifest.get("sam_id") != sam_id:
         raise UsageError(f"the SAM in {engines} was exported from other weights ({manifest.get('sam_id')}, this run "
-                         f"uses {sam_id}); run build-engines again with the same --sam-model, --sam-checkpoint and seed")
+                         f"uses {sam_id}); run build-engines again with the same --sam-model, --sam-checkpoint and --weights-seed")
     listed = {e["component"]: e for e in manifest["components"]}
     missing = [c for c in needed if c not in listed]
     if missing:
@@ -308,7 +309,7 @@ def _check_engine(engines: Path, path: Path, entry: dict) -> None:
 def sam_identity(config: RunConfig) -> str:
     """Names the SAM weights a configuration builds: the checkpoint file, or the seed of random ones."""
     s = config.sam
-    weights = str(Path(s.checkpoint).resolve()) if s.checkpoint else f"random:seed={config.seed}"
+    weights = str(Path(s.checkpoint).resolve()) if s.checkpoint else f"random:seed={config.weights_seed}"
     return f"{s.model_type}:{weights}"
 
 

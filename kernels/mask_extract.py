@@ -263,6 +263,8 @@ def otsu_from_histogram(hist: torch.Tensor, lo, hi) -> torch.Tensor:
     Returns the centre of the last bin of the lower class that maximises the between-class
     variance (first maximum), as `skimage.filters.threshold_otsu` does; the foreground is
     `value > threshold`. A histogram with a single occupied bin yields the first bin's centre.
+    The sums are float64: scikit-image's are float32, so where two splits' variances agree to
+    float32 precision it may return the neighbouring bin; this returns the exact first maximum.
     """
     bins = hist.shape[-1]
     hist = hist.to(torch.float64)

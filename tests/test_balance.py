@@ -19,6 +19,9 @@ from magicseg_engine.data.shards import finished_keys, iter_samples
 from magicseg_engine.pipeline import DROPPED_FILE
 from magicseg_engine.prompts import read_records
 
+# Every test here builds ONNX exports or renders whole runs: the full suite, not the fast lane.
+pytestmark = pytest.mark.slow
+
 BASE = ["generate", "--classes", "voc", "--num-pairs", 40, "--no-sam", "--drop-failed-pairs",
         "--max-counterfactual-coverage", 1.0, "--samples-per-shard", 8, "--device", "cpu", "--balance"]
 
@@ -105,6 +108,33 @@ def test_a_balanced_run_killed_in_a_top_up_round_resumes_to_the_same_run(tmp_pat
         args = [a for a in BASE if a != "--balance"] if not extra else BASE
         result = invoke(*args, *extra, "--out", out, "--resume")
         assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("point", ["start_marked", "start_done"])
+def test_the_balance_record_is_part_of_the_start_so_a_kill_after_it_resumes_with_balance(tmp_path, monkeypatch,
+                                                                                          point):
+    """The record is written with the start marker: no kill leaves a started run that forgot --balance."""
+    class Killed(Exception):
+        pass
+
+    def crash(name):
+        if name == point:
+            raise Killed(name)
+
+    monkeypatch.setattr(pipeline, "_crash_point", crash)
+    small = [a if a != 40 else 8 for a in BASE]
+    out = tmp_path / "run"
+    assert isinstance(invoke(*small, "--out", out).exception, Killed)
+    saved = json.loads((out / "run.json").read_text())
+    assert ("starting" in saved) == (point == "start_marked")
+    assert saved["balance"]["requested_pairs"] == 8 and saved["balance"]["rounds"] == []
+    monkeypatch.undo()
+    refused = invoke(*[a for a in small if a != "--balance"], "--out", out, "--resume")
+    assert refused.exit_code == 2 and "with --balance" in refused.stderr, refused.stderr
+    result = invoke(*small, "--out", out, "--resume")
+    assert result.exit_code == 0, result.output
+    assert len(finished_keys(out)) + len((out / DROPPED_FILE).read_text().splitlines() if (out / DROPPED_FILE).exists()
+                                         else []) == len(read_records(out / "prompts.jsonl"))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -17,6 +17,7 @@ def sampler():
     return build_sampler(load_preset("tiny"), "cpu")
 
 
+@pytest.mark.slow
 def test_reference_loop_draws_the_engines_positive(sampler):
     # The baseline does the same work: same noise, same prompt, batch 1 → the same image.
     ref = reference_image(sampler, "a dog on a beach", seed=7)[0]
@@ -24,6 +25,7 @@ def test_reference_loop_draws_the_engines_positive(sampler):
     assert np.abs(ref.astype(int) - ours.astype(int)).max() <= 2
 
 
+@pytest.mark.slow
 def test_pair_flops_add_up(sampler):
     f = pair_flops(sampler)
     assert f["unet_call_4_rows"] > 0 and f["vae_decode_1_image"] > 0 and f["text_encoder_1_prompt"] > 0
@@ -31,6 +33,7 @@ def test_pair_flops_add_up(sampler):
     assert f["pair"] == steps * f["unet_call_4_rows"] + 2 * f["vae_decode_1_image"] + 3 * f["text_encoder_1_prompt"]
 
 
+@pytest.mark.slow
 def test_bench_result_is_consistent(sampler):
     r = bench_generate(sampler, ["a dog", "a cat", "a cow"], ["nothing"] * 3, [1, 2, 3], batch_size=2, warmup=0, reps=2)
     assert r["engine"]["reps"] == 2 and r["reference"]["reps"] == 2
@@ -123,6 +126,7 @@ def test_flops_counted_on_the_meta_device_are_the_real_modules_counts(sampler):
     assert meta["parameters"]["unet"] == sum(p.numel() for p in sampler.models.unet.parameters())
 
 
+@pytest.mark.slow
 def test_flops_benchmark_counts_every_family_against_sd15(tmp_path):
     from magicseg_engine.bench.common import DENSE_PEAK_TFLOPS
     from magicseg_engine.bench.unet import unet_flops_per_row
@@ -177,6 +181,7 @@ def _summarize(results: Path) -> str:
     return (results / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_bench_all_runs_every_benchmark_and_summarises_ratios(tmp_path):
     out = tmp_path / "all.json"
     result = CliRunner().invoke(app, ["bench", "all", "--preset", "tiny", "--device", "cpu", "--reps", "1",
@@ -223,6 +228,7 @@ def test_reference_pipeline_writes_each_pair_with_one_merged_mask(sampler, tmp_p
     assert mask.shape == (sampler.settings.height, sampler.settings.width) and set(np.unique(mask)) <= {0, 1}
 
 
+@pytest.mark.slow
 def test_pipeline_benchmark_sweeps_batch_and_encoders_against_the_reference(sampler):
     from magicseg_engine.bench.pipeline import bench_pipeline
     from magicseg_engine.pipeline import build_mask_stage
@@ -240,6 +246,7 @@ def test_pipeline_benchmark_sweeps_batch_and_encoders_against_the_reference(samp
     assert r["speedup"] == pytest.approx(r["best"]["pairs_per_s"] / r["reference"]["pairs_per_s"])
 
 
+@pytest.mark.slow
 def test_tune_sweeps_variants_and_batch_sizes_against_the_reference(tmp_path, monkeypatch):
     import magicseg_engine.pipeline as pipeline
 
@@ -397,6 +404,7 @@ def test_cpu_sweep_crosses_thread_counts_and_adds_onnxruntime(monkeypatch):
     assert variants[0].build_engines_command("tiny", cpu, None) is None
 
 
+@pytest.mark.slow
 def test_tune_on_the_cpu_sets_threads_and_runs_onnxruntime_from_one_export(tmp_path, monkeypatch):
     import torch
 
@@ -453,6 +461,7 @@ def test_tune_on_the_cpu_sets_threads_and_runs_onnxruntime_from_one_export(tmp_p
         assert best["build_engines"] is None and "export first" not in said
 
 
+@pytest.mark.slow
 def test_generate_threads_sets_torchs_count_before_models_load(tmp_path, monkeypatch):
     import importlib.util
 

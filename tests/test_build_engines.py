@@ -13,6 +13,9 @@ from magicseg_engine.engine.export import CAPTURE_COMPONENT, COMPONENTS
 from magicseg_engine.generate.attention import AttentionCapture
 from magicseg_engine.generate.models import load_diffusion
 
+# Every test here builds ONNX exports or renders whole runs: the full suite, not the fast lane.
+pytestmark = pytest.mark.slow
+
 
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
@@ -79,10 +82,21 @@ def test_onnxruntime_backend_draws_what_torch_draws(engines, tmp_path):
             assert np.abs(a - b).mean() < 0.5 and np.abs(a - b).max() <= 8  # JPEG of images within float error
 
 
+def test_engines_serve_every_sampling_seed(engines, tmp_path):
+    """--seed picks prompts and noise, not weights: the engines of weights seed 0 draw any seed's run."""
+    out = tmp_path / "seed5"
+    result = invoke("generate", "--classes", "voc", "--num-pairs", 1, "--mask-source", "none", "--device", "cpu",
+                    "--backend", "onnxruntime", "--engines", engines, "--seed", 5, "--out", out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert {json.loads(s["json"])["model"] for s in iter_samples(out)} == {manifest["model_id"]}
+    assert {json.loads(s["json"])["seed"] for s in iter_samples(out)} == {5 * 2**32}
+
+
 def test_engines_of_other_weights_or_sizes_are_refused(engines, tmp_path):
     base = ["generate", "--classes", "voc", "--num-pairs", 1, "--mask-source", "none", "--device", "cpu",
             "--backend", "onnxruntime", "--engines", engines]
-    result = invoke(*base, "--out", tmp_path / "a", "--seed", 3)
+    result = invoke(*base, "--out", tmp_path / "a", "--weights-seed", 3)
     assert result.exit_code == 2 and "exported from other weights" in result.stderr
     result = invoke(*base, "--out", tmp_path / "b", "--size", 128, 128)
     assert result.exit_code == 2 and "exported for latents" in result.stderr

@@ -38,6 +38,7 @@ def test_templates_end_to_end(tmp_path):
     assert saved["summary"]["written"] == 200 and saved["vocabulary"] == "voc"
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         assert run("prompts", "--classes", "coco-object", "--num", 50, "--seed", seed, "--out", tmp_path / f"{name}.jsonl").exit_code == 0
@@ -115,6 +116,7 @@ def test_empty_class_file_is_exit_2(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.txt"]
 
 
+@pytest.mark.slow
 def test_installed_entry_point_runs(tmp_path):
     exe = Path(sys.executable).with_name("magicseg-engine")
     out = tmp_path / "p.jsonl"

@@ -307,6 +307,7 @@ def _sentences(text: str) -> list[str]:
 
 @settings(max_examples=400, deadline=None)
 @given(fuzz_case())
+@pytest.mark.slow
 def test_fuzzed_fillers_keep_every_other_word_and_no_class(case):
     classes, prompt, expected_words, n_mentions = case
     negative = make_negative(prompt, classes)
@@ -344,6 +345,7 @@ def test_fuzzed_fillers_keep_every_other_word_and_no_class(case):
 
 @settings(max_examples=200, deadline=None)
 @given(fuzz_case())
+@pytest.mark.slow
 def test_fuzzed_mentions_are_the_mention_slots(case):
     classes, prompt, _, n_mentions = case
     spans = class_mentions(prompt, classes)

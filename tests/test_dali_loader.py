@@ -239,6 +239,7 @@ def test_resume_continues_with_the_very_next_batch(shapes_run, stop_after):
 
 
 @needs_dali
+@pytest.mark.slow
 def test_bad_input_is_skipped_and_counted_like_the_torch_loader(tmp_path):
     expected = build_bad_run(tmp_path / "run", corrupt_jpeg=False)  # DALI stops on undecodable bytes
     loader = dali_loader(tmp_path / "run", seed=0, batch_size=4, vocabulary=VOCABULARY, even=False)

@@ -30,14 +30,8 @@ CLASSES = [("cat",), ("traffic light", "dog")]
 REAL = torch.tensor([[True, False], [True, True]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny model's matrices are a few KB: on shared cores, torch's intra-op threads spend
-    # far longer waiting for each other than computing.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The tiny models' matrices are a few KB: one torch thread (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 import json
 import sys
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -8,6 +9,7 @@ from magicseg_engine.cli import app
 from magicseg_engine.doctor import as_dict, check_clip_vocabulary
 
 
+@pytest.mark.slow
 def test_doctor_json_tells_the_truth_about_this_machine():
     result = CliRunner().invoke(app, ["doctor", "--json"])
     assert result.exit_code == 0, result.output
@@ -31,6 +33,7 @@ def test_doctor_json_tells_the_truth_about_this_machine():
     assert ("onnxruntime" in report["backends"]["detail"]) == has_ort
 
 
+@pytest.mark.slow
 def test_doctor_table_lists_every_check():
     result = CliRunner().invoke(app, ["doctor"], env={"COLUMNS": "200"})
     assert result.exit_code == 0

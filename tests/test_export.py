@@ -96,6 +96,7 @@ def run(session, inputs):
 
 
 @pytest.mark.parametrize("component", E.COMPONENTS)
+@pytest.mark.slow
 def test_component_passes_the_checker_and_matches_torch_at_batch_1_and_3(component, diffusion, sam, exported, sessions):
     model, session = exported[component], sessions[component]
     E.check_exported(model)

@@ -55,6 +55,7 @@ def _run(session, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(names, feeds)))
 
 
+@pytest.mark.slow
 def test_file_describes_the_capture_outputs(exported, capture):
     assert exported.component == E.CAPTURE_COMPONENT
     assert exported.path.name == "unet-capture.onnx"

@@ -34,6 +34,9 @@ from magicseg_engine.engine.export import (
 from magicseg_engine.generate.attention import AttentionCapture
 from magicseg_engine.generate.models import load_diffusion
 
+# Every test here builds ONNX exports or renders whole runs: the full suite, not the fast lane.
+pytestmark = pytest.mark.slow
+
 FAMILIES = ("sd1", "sd2", "sdxl")
 SD_UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 

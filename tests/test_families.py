@@ -42,6 +42,7 @@ def _sampler(folder, settings=SETTINGS) -> PairedSampler:
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.slow
 def test_family_is_read_from_the_folder_not_its_name(folders, tmp_path, family):
     renamed = tmp_path / {"sd1": "sdxl-base", "sd2": "stable-diffusion-v1-5", "sdxl": "sd21"}[family]
     shutil.copytree(folders[family], renamed)
@@ -71,6 +72,7 @@ def test_sdxl_random_has_the_published_architectures():
     assert len(ids) == 3
 
 
+@pytest.mark.slow
 def test_sdxl_context_is_both_encoders_penultimate_layers(folders):
     models = load_diffusion(_config(folders["sdxl"]))
     sampler = PairedSampler(models, SETTINGS, torch.device("cpu"), torch.float32)
@@ -111,6 +113,7 @@ def test_sdxl_added_conditions_reach_the_unet(folders):
     torch.testing.assert_close(added[2:3, :dim], pooled)
 
 
+@pytest.mark.slow
 def test_sdxl_guides_against_zeros_unless_its_folder_says_otherwise(folders, tmp_path):
     zeros = _sampler(folders["sdxl"]).unconditional()
     assert all(t.abs().max() == 0 for t in zeros)
@@ -197,6 +200,7 @@ def _inpainting(root):
     (_refiner, "holds an SDXL refiner .*give an SDXL base model"),
     (_inpainting, "unet takes 9 input channels .*StableDiffusionInpaintPipeline.*supported"),
 ], ids=["sd3", "sdxl-refiner", "inpainting"])
+@pytest.mark.slow
 def test_unsupported_pipelines_are_refused_in_one_line_with_nothing_written(tmp_path, make, message):
     root = tmp_path / "model"
     make(root)
@@ -221,6 +225,7 @@ def test_a_size_the_unet_cannot_take_is_refused(folders, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
+@pytest.mark.slow
 def test_benchmarks_run_on_every_family(folders, family):
     """bench generate and bench unet drive the family's UNet with its added conditions (SDXL)."""
     from magicseg_engine.bench.generate import bench_generate, pair_flops

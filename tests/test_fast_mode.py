@@ -234,6 +234,7 @@ def test_agreement_benchmark_compares_the_same_pairs(models):
         fast_mode_agreement(make_sampler(models), PROMPTS, NEGATIVES, SEEDS, CLASSES, levels=(0,))
 
 
+@pytest.mark.slow
 def test_generate_fast_through_the_cli(tmp_path):
     """--fast 1 renders other images than full mode from the same seeds, records its level in
     run.json, refuses a resume at another level, and refuses levels and backends it lacks

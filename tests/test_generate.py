@@ -145,7 +145,7 @@ class OutOfMemoryAbove:
 
     def __init__(self, inner, limit):
         self.inner, self.limit, self.sizes = inner, limit, []
-        self.models, self.device = inner.models, inner.device
+        self.models, self.device, self.dtype = inner.models, inner.device, inner.dtype
 
     def __call__(self, prompts, negatives, seeds, hook=None):
         self.sizes.append(len(prompts))
@@ -462,7 +462,7 @@ def _cli_config(seed):
 def _assert_exact_cli_run(out, seed, num):
     config = _cli_config(seed)
     recs = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=num).records
-    _assert_exact_run(out, config, recs, model_identity(config.diffusion, "cpu", seed=seed))
+    _assert_exact_run(out, config, recs, model_identity(config.diffusion, "cpu", seed=config.weights_seed))
 
 
 @pytest.mark.slow

@@ -331,6 +331,7 @@ def test_endpoint_that_never_answers_in_time_raises_one_line(server, tmp_path):
     assert server.url in message and "APITimeoutError" in message
 
 
+@pytest.mark.slow
 def test_failing_endpoint_keeps_finished_requests_in_the_cache(server, tmp_path):
     combos = [("dog",), ("cat",), ("car",), ("bird",), ("boat",), ("bus",)]
     cache = tmp_path / "llm.jsonl"
@@ -520,3 +521,24 @@ def test_prompts_command_with_a_failing_endpoint_writes_no_output(server, tmp_pa
     assert server.url in result.stderr and "HTTP 503" in result.stderr
     assert server.hits == 2  # the request and its one retry
     assert not out.exists() and not (tmp_path / "prompts.config.json").exists()
+
+
+def test_prompts_llm_cache_option_puts_the_cache_where_asked(server, tmp_path):
+    """--llm-cache names the cache file: a second run with another --out is answered from it."""
+    from typer.testing import CliRunner
+
+    from magicseg_engine.cli import app
+
+    cache = tmp_path / "shared" / "answers.jsonl"
+    cache.parent.mkdir()
+    args = ["prompts", "--source", "llm", "--classes", "voc", "--num", "3", "--llm-base-url", server.url,
+            "--llm-api-key-env", KEY_ENV, "--llm-cache", str(cache)]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert cache.exists() and not (tmp_path / "a.llm-cache.jsonl").exists()  # not the default beside --out
+    hits = server.hits
+    assert hits > 0
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert server.hits == hits  # nothing asked again
+    assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()

@@ -492,6 +492,7 @@ def test_property_fill_small_holes_matches_scipy(masks, max_area, connectivity):
 
 @settings(max_examples=100, deadline=None)
 @given(mask_batches, st.integers(0, 10), st.integers(0, 10), st.sampled_from(CONNECTIVITY), st.data())
+@pytest.mark.slow
 def test_property_strided_views(masks, min_area, max_area, connectivity, data):
     steps = [data.draw(st.sampled_from([1, 2, -1, -3])) for _ in range(3)]
     view = masks[:: steps[0], :: steps[1], :: steps[2]]

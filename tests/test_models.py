@@ -238,6 +238,7 @@ def test_sd21_random_has_the_published_parameter_counts_and_samples_by_v_predict
 # --- pretrained folders --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_sd2_style_folder_samples_by_its_own_v_prediction(saved, tmp_path):
     from magicseg_engine.generate.sampler import PairedSampler, SamplingSettings
 

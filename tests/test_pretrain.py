@@ -91,6 +91,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_pretrain_cli_trains_checkpoints_and_refuses_misuse(shapes, tmp_path):
     out = tmp_path / "ckpt"
     result = invoke("pretrain", "--data", shapes, "--out", out, "--steps", 6, "--checkpoint-every", 3,
@@ -127,6 +128,26 @@ def test_checkpoint_of_another_model_config_is_one_line(shapes, tmp_path):
                     "--device", "cpu")
     assert result.exit_code == 2
     assert "another model config (decoder_layers differ)" in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_resume_deletes_what_killed_writes_left(shapes, tmp_path):
+    """A kill inside a checkpoint, metrics or config write leaves its temporary file; the resume
+    deletes those (and nothing else), then writes the files again whole."""
+    out = tmp_path / "run"
+    args = ["pretrain", "--data", shapes, "--out", out, "--steps", 2, "--checkpoint-every", 1, "--batch-size", 2,
+            "--device", "cpu"]
+    assert invoke(*args).exit_code == 0
+    cache = next((out / "text-cache").glob("text-*.safetensors"))
+    planted = [out / "checkpoints" / ".step-00000003.pt.k2j4_x.tmp", out / ".metrics.jsonl.abc123.tmp",
+               out / ".pretrain.json.q9w8e7.tmp", out / "text-cache" / f".{cache.name}.zz11aa.tmp"]
+    kept = [out / "notes.tmp", out / "checkpoints" / ".step-00000003.pt"]  # not the run's temporary files
+    for path in planted + kept:
+        path.write_bytes(b"half")
+    result = invoke(*args[:6], 3, *args[7:], "--resume")
+    assert result.exit_code == 0, result.output
+    assert [p for p in planted if p.exists()] == [] and all(p.exists() for p in kept)
+    assert [s for s, _ in checkpoint_paths(out)][-1] == 3
 
 
 def _command(data, out, steps):

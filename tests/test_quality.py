@@ -110,6 +110,7 @@ def test_self_attention_refinement_is_a_weighted_mean_of_the_map():
     assert refined.min() >= maps.min() - 1e-6 and refined.max() <= maps.max() + 1e-6
 
 
+@pytest.mark.slow
 def test_bench_quality_reports_every_route_from_the_code(tmp_path):
     out = tmp_path / "q.json"
     chart = tmp_path / "q.png"
@@ -133,6 +134,7 @@ def test_bench_quality_reports_every_route_from_the_code(tmp_path):
     assert json.loads(again.read_text())["masks"] == saved["masks"]
 
 
+@pytest.mark.slow
 def test_the_denoiser_ranks_the_true_shape_first_only_when_trained():
     """The shipped model's loss prefers the true shape's caption far above chance and the true
     colour's almost always; random weights prefer one caption whatever the image: chance."""

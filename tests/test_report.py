@@ -192,6 +192,7 @@ def test_picker_samples_the_whole_run_not_its_start():
     assert again.chosen() == chosen
 
 
+@pytest.mark.slow
 def test_cli_writes_one_self_contained_page(tmp_path):
     write_synthetic_run(tmp_path / "run", 20, size=32, samples_per_shard=8)
     out = tmp_path / "pages" / "report.html"

@@ -16,14 +16,8 @@ from magicseg_engine.masks.sam import RefinedMasks, SamRefiner, build_sam, choos
 FULL_SIZE_PARAMETERS = {"vit_b": 93_735_472, "vit_l": 312_342_832, "vit_h": 641_090_608}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny model's matrices are a few KB: on shared cores, torch's intra-op threads spend
-    # far longer waiting for each other than computing (measured 10x slower with 2 threads).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The tiny models' matrices are a few KB: one torch thread (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -258,6 +258,7 @@ def test_float16_operand_path_matches_reference(monkeypatch, triton_device, shap
                        sixteen_bit=True, bias=-1.0)
 
 
+@pytest.mark.slow
 def test_float16_gradient_tiles_are_scaled_before_rounding(monkeypatch, triton_device):
     """Per-logit gradients of ~1e-7, float16 subnormals, summed over 4096 nearly equal pixels
     into class gradients of ~6e-4: rounded unscaled, every term would carry the same error of a

@@ -347,6 +347,7 @@ def test_kill_at_each_step_then_resume(tmp_path, point):
     assert_run_holds_exactly(run, keys)
 
 
+@pytest.mark.slow
 def test_repeated_random_kills_then_resume(tmp_path):
     rng = random.Random(1234)
     run, keys = tmp_path / "run", make_keys(150)
@@ -367,6 +368,7 @@ def test_repeated_random_kills_then_resume(tmp_path):
     assert_run_holds_exactly(run, keys)
 
 
+@pytest.mark.slow
 def test_concurrent_writers_with_one_killed_and_resumed(tmp_path):
     run, keys = tmp_path / "run", make_keys(48)
     mine, theirs = keys[0::2], keys[1::2]

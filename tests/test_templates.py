@@ -1,11 +1,14 @@
 import random
 
+import pytest
+
 from magicseg_engine.prompts.counterfactual import find_mentions, missing_classes
 from magicseg_engine.prompts.sampling import sample_class_combos
 from magicseg_engine.prompts.templates import describe_from_templates
 from magicseg_engine.vocab import load_vocabulary
 
 
+@pytest.mark.slow
 def test_every_description_mentions_each_class_exactly_once_across_vocabularies():
     for name in ("voc", "context", "coco-object", "coco-stuff"):
         vocab = load_vocabulary(name)

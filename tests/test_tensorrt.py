@@ -751,6 +751,7 @@ def test_build_step_checks_onnx_against_export_record(recording, tmp_path):
     assert fake.calls("profile") == [] and fake.calls("build")
 
 
+@pytest.mark.slow
 def test_sdxl_exports_get_profiles_for_every_input(recording, tmp_path):
     """SDXL's text encoder ([batch, 2, L] ids), UNet (text_embeds, time_ids) and unet-capture:
     the profiles build_engine derives cover every input of the real ONNX files, batch ranged."""
@@ -802,6 +803,7 @@ def build_engines_cli(out, *args):
                                     "--out", str(out), *map(str, args)])
 
 
+@pytest.mark.slow
 def test_build_engines_builds_every_engine_for_several_batch_sizes(fake_gpu, tmp_path):
     """The default --batch-sizes 1,8,16: one engine per component, SAM's mask decoder included,
     each from the profile its calls need."""
@@ -881,6 +883,7 @@ def test_build_engines_with_a_bad_profile_stops_before_anything_is_written(fake_
     assert fake_gpu.log == [] and not (out.exists() and list(out.rglob("*.*")))
 
 
+@pytest.mark.slow
 def test_build_engines_checks_every_exported_profile_before_the_first_engine(fake_gpu, monkeypatch, tmp_path):
     """An export whose shapes disagree with what build-engines expected (here: the decoder's
     tokens axis left unsized) is refused after exporting and before any engine, the unet's

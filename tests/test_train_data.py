@@ -199,6 +199,7 @@ def test_ranks_read_disjoint_parts_that_cover_the_run(shapes_run, even):
 
 @pytest.mark.parametrize("stop_after", [3, 5, 7])  # mid-epoch, at the epoch's end, in the next epoch
 @pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.slow
 def test_resume_continues_with_the_very_next_batch(shapes_run, stop_after, workers):
     check_exact_resume(lambda: PairLoader(shapes_run, batch_size=8, size=SIZE, seed=11, num_workers=workers),
                        stop_after, save=lambda state: json.loads(json.dumps(state)))  # a JSON checkpoint

@@ -78,6 +78,7 @@ def test_evaluate_refuses_a_poisoned_checkpoint(tmp_path):
     assert "\n" not in str(err.value) and not marker.exists()
 
 
+@pytest.mark.slow
 def test_generate_refuses_a_poisoned_sam_checkpoint(tmp_path):
     evil, marker = tmp_path / "evil.pth", tmp_path / "ran"
     poison(evil, marker, "pickle")

@@ -24,6 +24,7 @@ def short_world(tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.slow
 def test_train_world_writes_a_diffusers_folder_that_sd15_and_shapes_both_load(short_world):
     from magicseg_engine.config import load_preset
     from magicseg_engine.generate.models import load_diffusion
@@ -42,6 +43,7 @@ def test_train_world_writes_a_diffusers_folder_that_sd15_and_shapes_both_load(sh
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_the_compact_copy_holds_the_folders_weights_in_half_precision(short_world):
     from magicseg_engine.generate.models import load_diffusion
     from magicseg_engine.config import load_preset
@@ -64,6 +66,7 @@ def test_the_compact_copy_holds_the_folders_weights_in_half_precision(short_worl
     assert torch.count_nonzero(emb[unused]) == 0
 
 
+@pytest.mark.slow
 def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path, short_world):
     from safetensors.torch import load_file
 
@@ -167,6 +170,7 @@ def shipped_sampler():
     return build_sampler(load_preset("shapes"), "cpu")
 
 
+@pytest.mark.slow
 def test_the_shipped_model_draws_the_requested_colour_far_above_chance(shipped_sampler):
     """Asked for each of the 36 classes, the model draws the class's colour (chance: 1/6), and
     asked for "nothing on a grey floor", the floor alone. The shape reader finds the asked-for
@@ -188,6 +192,7 @@ def test_the_shipped_model_draws_the_requested_colour_far_above_chance(shipped_s
     assert np.mean([e < 0.006 for e in empty]) >= 0.9
 
 
+@pytest.mark.slow
 def test_masks_on_shapes_clear_a_floor_that_random_weights_do_not(shipped_sampler):
     from magicseg_engine.bench.quality import _annotator, _factors, annotate, render_set, score_masks
     from magicseg_engine.config import load_preset

@@ -190,25 +190,31 @@ def _classes_per_pair(records: Sequence) -> float:
     return sum(len(r.classes) for r in records) / max(1, len(records))
 
 
+def _record(settings: BalanceSettings, requested: int, rounds: list, counts: dict[str, ClassCount],
+            short: dict[str, int]) -> dict:
+    return {
+        **settings.as_json(), "requested_pairs": requested, "rounds": rounds,
+        "classes": {name: {**vars(c), **({"short_by": short[name], "why": c.short_reason} if name in short else {})}
+                    for name, c in sorted(counts.items())},
+        "short": sorted(short),
+    }
+
+
 def _save(run_dir: Path, settings: BalanceSettings, requested: int, rounds: list, counts: dict[str, ClassCount],
           short: dict[str, int]) -> None:
     from magicseg_engine.pipeline import RUN_FILE
 
     path = run_dir / RUN_FILE
     saved = json.loads(path.read_text(encoding="utf-8"))
-    saved["balance"] = {
-        **settings.as_json(), "requested_pairs": requested, "rounds": rounds,
-        "classes": {name: {**vars(c), **({"short_by": short[name], "why": c.short_reason} if name in short else {})}
-                    for name, c in sorted(counts.items())},
-        "short": sorted(short),
-    }
-    atomic_write_text(path, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    saved["balance"] = _record(settings, requested, rounds, counts, short)
+    atomic_write_text(path, json.dumps(saved, indent=2, sort_keys=True) + "\n", site="run_file")
 
 
-def start_balance(run_dir: Path, settings: BalanceSettings, requested: int) -> None:
-    """Mark a new run as balanced in its run.json, before its first pair: a run killed at any
-    point is then resumed with --balance."""
-    _save(run_dir, settings, requested, [], {}, {})
+def start_record(settings: BalanceSettings, requested: int) -> dict:
+    """The run.json entries that mark a new run as balanced. `pipeline.start_run` writes them with
+    the run's start marker, before its first pair, so a run killed at any point is resumed with
+    --balance."""
+    return {"balance": _record(settings, requested, [], {}, {})}
 
 
 def check_resumable(saved: dict, settings: BalanceSettings | None) -> None:

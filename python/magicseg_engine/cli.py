@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -50,15 +51,48 @@ def reports_usage_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        global _held
+        from magicseg_engine import disk_space
+
         _setup_logging()
+        disk_space.clear_notes()
         try:
-            return command(*args, **kwargs)
+            with contextlib.ExitStack() as _held:
+                return command(*args, **kwargs)
         except UsageError as err:
             # The message is plain text: brackets in it ("magicseg-engine[onnx]") are not markup.
             stderr.print(f"[bold red]error:[/] {escape(str(err))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(code=UsageError.exit_code) from None
+        except OSError as err:
+            # A full or failing disk (raised on any thread: the shard writer's errors reach this
+            # one): one line with the file, the free space and what to do, no traceback.
+            if not disk_space.is_disk_error(err):
+                raise
+            line = disk_space.describe_write_error(err, _retry_hint(command, kwargs))
+            stderr.print(f"[bold red]error:[/] {escape(line)}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(code=disk_space.EXIT_CODE) from None
 
     return wrapper
+
+
+def _retry_hint(command, kwargs) -> str:
+    """How to continue a command that stopped part-way: with --resume where it has one."""
+    import inspect
+
+    if "resume" not in inspect.signature(command).parameters or kwargs.get("resume"):
+        return "run the same command again"
+    return "run the same command with --resume" + (" in place of --overwrite" if kwargs.get("overwrite") else "")
+
+
+# What the running command holds until it ends (reports_usage_errors opens and closes it).
+_held: contextlib.ExitStack | None = None
+
+
+def _hold_run_directory(out: Path) -> None:
+    """Hold the run in `out` until the command ends; refuse it if another process writes it (run_lock.py)."""
+    from magicseg_engine.run_lock import run_directory_lock
+
+    _held.enter_context(run_directory_lock(out))
 
 
 def resumes_after_signals(command):
@@ -140,6 +174,8 @@ def staged_progress(bar: Progress):
 BACKEND_HELP = ("torch, compile (torch.compile; CUDA graphs on a GPU), onnxruntime or tensorrt "
                 "(these two run the files of --engines).")
 ENGINES_HELP = "Folder written by build-engines, for --backend onnxruntime or tensorrt."
+WEIGHTS_SEED_HELP = ("Seed of random weights: the tiny and -random presets' models, and SAM and the detector "
+                     "without a checkpoint. Apart from --seed, so engines built once serve every sampling seed.")
 
 
 @app.command()
@@ -290,10 +326,11 @@ def generate(
     guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
     size: Annotated[Optional[tuple[int, int]], typer.Option("--size", help="Image height and width.")] = None,
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="ddim, dpm-solver++ (2M), euler or unipc.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Run seed: classes, prompts, per-pair noise, random weights.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Run seed: classes, prompts and per-pair noise (the weights: --weights-seed).")] = 0,
+    weights_seed: Annotated[int, typer.Option("--weights-seed", help=WEIGHTS_SEED_HELP)] = 0,
     device: Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu, cuda or cuda:N.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", help="Threads torch's CPU operators use (torch.set_num_threads; default: torch's, one per physical core). `bench tune --device cpu` measures which is fastest.")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, float16 or bfloat16 (float32 on the CPU).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, float16 or bfloat16. On the CPU: bfloat16 where it has AMX or AVX512-BF16, else float32; each sample records the dtype it ran in.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Diffusers folder or hub id of an SD 1.x, SD 2.x or SDXL model (presets sd15, sd21, sdxl).")] = None,
     independent_noise: Annotated[bool, typer.Option("--independent-noise", help="Draw the negative's noise separately, as the reference did.")] = False,
     fast: Annotated[Optional[int], typer.Option("--fast", help="Fast mode: 0 the whole UNet every step; 1 and 2 reuse its deep features on every other / two of three steps (--backend torch). README: what each costs in mask agreement.")] = None,
@@ -324,6 +361,7 @@ def generate(
     balance_tolerance: Annotated[float, typer.Option("--balance-tolerance", help="--balance stops when every class has at least (1 - this) of its requested pairs usable.")] = 0.1,
     balance_budget: Annotated[float, typer.Option("--balance-budget", help="--balance renders at most this fraction of --num-pairs more, over all rounds.")] = 0.5,
     balance_rounds: Annotated[int, typer.Option("--balance-rounds", help="--balance tops up at most this many times.")] = 4,
+    no_space_check: Annotated[bool, typer.Option("--no-space-check", help="Start even if the file system of --out seems to have too little free space for the pairs left (for file systems that report no or wrong free space, or that grow).")] = False,
 ) -> None:
     """Render positive/negative image pairs with shared noise, and their masks, into resumable WebDataset shards."""
     from magicseg_engine.config import load_preset
@@ -343,6 +381,8 @@ def generate(
         raise UsageError(f"--num-pairs must be a positive number, got {num_pairs}")
     if batch_size <= 0 or samples_per_shard <= 0:
         raise UsageError("--batch-size and --samples-per-shard must be positive")
+    if encode_workers <= 0:
+        raise UsageError(f"--encode-workers must be a positive number, got {encode_workers}")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other; pick one")
     ray_flags = {"--ray-address": ray_address, "--workers": workers, "--num-gpus-per-worker": num_gpus_per_worker,
@@ -365,6 +405,7 @@ def generate(
         torch.set_num_threads(threads)
     config = load_preset(preset, {
         "seed": seed,
+        "weights_seed": weights_seed,
         "prompts": {"seed": seed, "max_classes_per_sample": max_classes,
                     # Without --prompts, the preset's own source: templates, or the shapes world's captions.
                     "source": "file" if prompts_file else None},
@@ -378,6 +419,8 @@ def generate(
                   "drop_failed_pairs": drop_failed_pairs or None, "detector_model": detector_model,
                   "box_threshold": box_threshold, "text_threshold": text_threshold},
     })
+    # Before the run is read and any model loads: a second command on the same directory stops here.
+    _hold_run_directory(out)
     records = None
     vocab = None
     if prompts_file is not None or classes is not None:
@@ -388,9 +431,11 @@ def generate(
     elif not resume:
         raise UsageError("say what to render: --classes NAME|FILE with --num-pairs N, or --prompts FILE")
     plan = open_run(out, config, records, resume, overwrite)
-    if not plan.fresh:
+    from magicseg_engine.pipeline import RUN_FILE
+
+    if resume and (out / RUN_FILE).exists():
+        # Continuing the run, or completing its interrupted start: either way with its own --balance.
         from magicseg_engine.balance import check_resumable
-        from magicseg_engine.pipeline import RUN_FILE
 
         check_resumable(json.loads((out / RUN_FILE).read_text(encoding="utf-8")), balancing)
     if balancing is not None and config.masks.source == "none":
@@ -398,6 +443,8 @@ def generate(
     requested = _requested_pairs(out, plan, records)
     options = ExecutionOptions(device=device, batch_size=batch_size, samples_per_shard=samples_per_shard,
                                encode_workers=encode_workers, channels_last=channels_last, attention=attention.value)
+    # Before any model loads: a run the disk cannot hold is refused in a second, not after hours.
+    _check_run_space(out, config, plan, requested, balancing, samples_per_shard, check=not no_space_check)
     if use_ray:
         _generate_on_ray(out, config, plan, ray_address, ray_timeout, workers, num_gpus_per_worker,
                          cpus_per_worker, options, backend, engines, vocab.classes if vocab else None,
@@ -407,8 +454,7 @@ def generate(
     sampler = build_sampler(config, device, backend, engines, options.channels_last, options.attention)
     masks = build_mask_stage(config, sampler, engines)
     if plan.fresh:
-        start_run(out, config, plan.records, vocab.classes if vocab else None)
-        _start_balance(out, balancing, requested)
+        start_run(out, config, plan.records, vocab.classes if vocab else None, _balance_start(balancing, requested))
     summaries = []
 
     def render(records) -> None:
@@ -416,7 +462,9 @@ def generate(
             advance = resumable_progress(bar, f"generate ({config.preset})", "pairs")
             summary = generate_pairs(out, config, records, sampler, options, progress=advance, masks=masks)
         record_summary(out, summary, {"device": device, "batch_size": batch_size, "backend": backend,
-                                      "channels_last": sampler.models.channels_last, "attention": options.attention})
+                                      "channels_last": sampler.models.channels_last, "attention": options.attention,
+                                      "dtype": str(sampler.dtype).removeprefix("torch."),
+                                      "encode_workers": options.encode_workers})
         summaries.append(summary)
 
     _render_balanced(out, config, plan.records, requested, sampler.models.model_id, balancing, render)
@@ -450,6 +498,46 @@ def _balance_settings(balance: bool, tolerance: float, budget: float, rounds: in
     return settings
 
 
+def _check_run_space(out: Path, config, plan, requested: int, balancing, samples_per_shard: int, *,
+                     check: bool) -> None:
+    """Refuse a run whose pairs left do not fit the free space of --out (unless `check` is off), and
+    tell the disk-error line what the run still needs."""
+    import math
+
+    from magicseg_engine import disk_space
+    from magicseg_engine.data.shards import RunState
+    from magicseg_engine.pipeline import dropped_keys
+
+    total = len(plan.records)
+    if balancing is not None:  # top-up rounds render at most this many more
+        total = max(total, requested + math.ceil(balancing.budget * requested))
+
+    def pairs_left() -> int:
+        state = RunState.load(out, verify=False, repair=False)
+        return max(0, total - len(state.finished) - len(dropped_keys(out)))
+
+    def need_now() -> int:
+        return disk_space.run_need(out, config, pairs_left(), samples_per_shard)[0]
+
+    disk_space.note_need(need_now)
+    if not check:
+        return
+    if plan.fresh:  # a new run, or one replacing an old run whose shards it deletes first
+        per_pair = disk_space.estimated_pair_bytes(config, samples_per_shard)
+        source = "the preset's image size"
+        try:  # the old run's shards are deleted before the first pair: their room is the new run's
+            old = RunState.load(out, verify=False, repair=False).shards
+        except UsageError:  # a damaged old run: --overwrite replaces it all the same
+            old = ()
+        needed = total * (per_pair + disk_space.PROMPT_LINE_BYTES) + disk_space.RESERVE_BYTES
+        needed = max(0, needed - sum(s.bytes for s in old))
+        left = total
+    else:
+        left = pairs_left()
+        needed, per_pair, source = disk_space.run_need(out, config, left, samples_per_shard)
+    disk_space.check_space(out, needed, left, per_pair, source, "--no-space-check")
+
+
 def _requested_pairs(out: Path, plan, records) -> int:
     """The pairs the user asked for: the flags' prompts, or on a bare --resume the run's own count."""
     from magicseg_engine.pipeline import RUN_FILE
@@ -460,11 +548,13 @@ def _requested_pairs(out: Path, plan, records) -> int:
     return int(saved.get("balance", {}).get("requested_pairs", len(plan.records)))
 
 
-def _start_balance(out: Path, balancing, requested: int) -> None:
-    if balancing is not None:
-        from magicseg_engine.balance import start_balance
+def _balance_start(balancing, requested: int) -> dict | None:
+    """The --balance record a new run starts with (start_run writes it in its first step)."""
+    if balancing is None:
+        return None
+    from magicseg_engine.balance import start_record
 
-        start_balance(out, balancing, requested)
+    return start_record(balancing, requested)
 
 
 def _render_balanced(out: Path, config, records, requested: int, model_id: str, balancing, render) -> None:
@@ -541,10 +631,9 @@ def _generate_on_ray(out: Path, config, plan, address: Optional[str], timeout_s:
         resources = cluster_resources()
         workers, gpus_per_worker = size_pool(resources, workers, gpus_per_worker, cpus_per_worker)
         worker_device = torch.device("cuda" if gpus_per_worker > 0 else "cpu")
-        model_id = model_identity(config.diffusion, worker_device, seed=config.seed)
+        model_id = model_identity(config.diffusion, worker_device, seed=config.weights_seed)
         if plan.fresh:
-            start_run(out, config, plan.records, vocabulary)
-            _start_balance(out, balancing, requested)
+            start_run(out, config, plan.records, vocabulary, _balance_start(balancing, requested))
         options = RayOptions(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                              execution=execution, backend=backend, engines=engines)
         where = f"{resources.nodes} node{'s' if resources.nodes != 1 else ''}"
@@ -570,6 +659,7 @@ def _generate_on_ray(out: Path, config, plan, address: Optional[str], timeout_s:
     record_summary(out, summary, {"ray": True, "workers": workers, "gpus_per_worker": gpus_per_worker,
                                   "render_seconds": round(result.render_seconds, 3),
                                   "cpus_per_worker": cpus_per_worker, "batch_size": execution.batch_size,
+                                  "encode_workers": execution.encode_workers,
                                   "backend": backend, "attention": execution.attention,
                                   "channels_last": uses_channels_last(execution.channels_last, worker_device),
                                   "nodes": resources.nodes})
@@ -631,12 +721,14 @@ def masks(
     box_threshold: Annotated[Optional[float], typer.Option("--box-threshold")] = None,
     text_threshold: Annotated[Optional[float], typer.Option("--text-threshold")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per SAM batch.")] = 8,
+    samples_per_shard: Annotated[int, typer.Option("--samples-per-shard", help="Pairs per tar shard.")] = 256,
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "torch",
     engines: Annotated[Optional[Path], typer.Option("--engines", help=ENGINES_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    weights_seed: Annotated[Optional[int], typer.Option("--weights-seed", help="Seed of the random SAM and detector weights (no checkpoint); default: the source run's.")] = None,
 ) -> None:
     """Annotate an existing run again (new thresholds, SAM, checks) without re-rendering or re-encoding images."""
-    from magicseg_engine.config import with_overrides
+    from magicseg_engine.config import saved_run_config, with_overrides
     from magicseg_engine.generate.models import resolve_dtype
     from magicseg_engine.pipeline import (
         PROMPTS_FILE,
@@ -644,14 +736,15 @@ def masks(
         ExecutionOptions,
         build_annotator,
         open_run,
+        read_run_file,
         reannotate_run,
         record_summary,
         start_run,
     )
     from magicseg_engine.prompts import read_records
 
-    if batch_size <= 0:
-        raise UsageError("--batch-size must be positive")
+    if batch_size <= 0 or samples_per_shard <= 0:
+        raise UsageError("--batch-size and --samples-per-shard must be positive")
     if mask_source is MaskSource.none:
         raise UsageError("--mask-source none would annotate nothing; pick attention, detector or attention+detector")
     if resume and overwrite:
@@ -661,14 +754,15 @@ def masks(
     if not (data / RUN_FILE).exists():
         raise UsageError(f"{data} holds no run (no {RUN_FILE}); pass a directory written by generate")
     device = _resolve_device(device)
-    source_run = json.loads((data / RUN_FILE).read_text(encoding="utf-8"))
-    saved = source_run["config"]
+    source_run = read_run_file(data) or {"config": {}}  # checked entries: a damaged one is one line
+    saved = saved_run_config(source_run["config"])
     wanted = mask_source.value if mask_source else "attention"
     if saved.get("masks", {}).get("source") == "none" and wanted != "detector":
         raise UsageError(f"{data} was generated with --mask-source none and holds no attention maps, which "
                          f"--mask-source {wanted} reads; use --mask-source detector (it needs only the images), "
                          "or generate it again with masks on")
     overrides = {
+        "weights_seed": weights_seed,
         "sam": {"model_type": sam_model, "checkpoint": sam_checkpoint},
         "masks": {"source": wanted,
                   "refine_with_sam": False if no_sam else None,
@@ -678,11 +772,12 @@ def masks(
                   "box_threshold": box_threshold, "text_threshold": text_threshold},
     }
     config = with_overrides(saved, overrides, f"the run in {data}")
+    _hold_run_directory(out)
     plan = open_run(out, config, read_records(data / PROMPTS_FILE), resume, overwrite)
     annotator = build_annotator(config, device, resolve_dtype(config.diffusion.dtype, device), backend, engines)
     if plan.fresh:
         start_run(out, config, plan.records, source_run.get("vocabulary"))
-    options = ExecutionOptions(device=device, batch_size=batch_size)
+    options = ExecutionOptions(device=device, batch_size=batch_size, samples_per_shard=samples_per_shard)
     with progress_bar(transient=False) as bar:
         advance = resumable_progress(bar, "masks", "pairs")
         summary = reannotate_run(data, out, config, annotator, options, progress=advance)
@@ -709,7 +804,8 @@ def build_engines_command(
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch range of the TensorRT profiles, in UNet rows, not pairs: with guidance a pair is 4 rows (positive and negative prompt, each with its unconditional row), so generate --batch-size N needs 4N in the range. Keep 1 in it: the text encoder, VAE decoder and SAM image encoder also run smaller batches. SAM's mask decoder has ranges of its own (prompts per image, tokens per prompt).")] = "1,8,16",
     components: Annotated[str, typer.Option("--components", help="Comma-separated components.")] =
         "unet,unet-capture,vae-decoder,text-encoder,sam-image-encoder,sam-mask-decoder",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of random weights (tiny and the -random presets).")] = 0,
+    # --seed is the older name, from when generate's --seed also drew the weights; it still works.
+    weights_seed: Annotated[int, typer.Option("--weights-seed", "--seed", help="Seed of random weights (tiny and the -random presets, SAM without a checkpoint), as generate --weights-seed. --seed: its older name.")] = 0,
     sam_model: Annotated[Optional[str], typer.Option("--sam-model", help="tiny, vit_b, vit_l or vit_h.")] = None,
     sam_checkpoint: Annotated[Optional[str], typer.Option("--sam-checkpoint", help="segment-anything .pth.")] = None,
     size: Annotated[Optional[tuple[int, int]], typer.Option("--size", help="Image height and width the exports are for.")] = None,
@@ -728,7 +824,7 @@ def build_engines_command(
     sizes = parse_batch_sizes(batch_sizes)
     device = _resolve_device(device)
     config = load_preset(preset, {
-        "seed": seed,
+        "weights_seed": weights_seed,
         "diffusion": {"model": model, "height": size[0] if size else None, "width": size[1] if size else None},
         "sam": {"model_type": sam_model, "checkpoint": sam_checkpoint},
     })
@@ -779,7 +875,12 @@ def pretrain(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Pretrain the segmentation model on generated pairs (torchrun for several processes)."""
-    from magicseg_engine.train.loop import load_pretrain_preset, pretrain as run_pretrain
+    from magicseg_engine import disk_space
+    from magicseg_engine.train.loop import CONFIG_FILE, load_pretrain_preset, pretrain as run_pretrain
+
+    # Until its pretrain.json is written a run has nothing to resume: it is started again as it was.
+    disk_space.note_retry(lambda: "run the same command again" if resume or not (out / CONFIG_FILE).is_file()
+                          else "run the same command with --resume")
 
     if not (data / "manifest.jsonl").is_file():
         raise UsageError(f"--data {data} holds no manifest.jsonl; point it at a run directory written by generate")
@@ -1114,6 +1215,7 @@ BenchJson = Annotated[Optional[Path], typer.Option("--json", help="Write the res
 BenchPairs = Annotated[int, typer.Option("--pairs", help="Pairs per timed repetition (generate; masks and sam use up to 4).")]
 BenchBatch = Annotated[int, typer.Option("--batch-size", help="Engine pairs per UNet call.")]
 BenchModel = Annotated[Optional[str], typer.Option("--model", help="Diffusers folder or hub id (presets sd15, sd21, sdxl).")]
+BenchWeightsSeed = Annotated[int, typer.Option("--weights-seed", help=WEIGHTS_SEED_HELP)]
 
 
 @bench_app.command("generate")
@@ -1129,6 +1231,7 @@ def bench_generate_command(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, float16 or bfloat16.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
     model: BenchModel = None,
+    weights_seed: BenchWeightsSeed = 0,
 ) -> None:
     """Pairs/s of the paired sampler against a batch-1 reference-style loop, same models."""
     from magicseg_engine.bench.generate import bench_generate
@@ -1140,7 +1243,7 @@ def bench_generate_command(
     if min(pairs, batch_size, reps) <= 0 or warmup < 0:
         raise UsageError("--pairs, --batch-size and --reps must be positive, --warmup not negative")
     device = _resolve_device(device)
-    config = load_preset(preset, {"diffusion": {"steps": steps, "dtype": dtype, "model": model}})
+    config = load_preset(preset, {"weights_seed": weights_seed, "diffusion": {"steps": steps, "dtype": dtype, "model": model}})
     records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=pairs).records
     sampler = build_sampler(config, device)
     stderr.print(f"benchmarking {pairs} pairs on {device}: engine (batch {batch_size}) vs reference loop (batch 1)")
@@ -1197,6 +1300,7 @@ def bench_masks_command(
     steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps (preset default if unset).")] = None,
     no_sam: Annotated[bool, typer.Option("--no-sam", help="Capture overhead only, without the SAM comparison.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+    weights_seed: BenchWeightsSeed = 0,
 ) -> None:
     """Attention-capture overhead on the UNet, and batched SAM against one prompt at a time."""
     from magicseg_engine.bench.masks import bench_masks
@@ -1209,11 +1313,11 @@ def bench_masks_command(
     if min(pairs, reps, 1 if size is None else size, 1 if steps is None else steps) <= 0 or warmup < 0:
         raise UsageError("--pairs, --reps, --size and --steps must be positive, --warmup not negative")
     device = _resolve_device(device)
-    config = load_preset(preset, {"diffusion": {"height": size, "width": size, "steps": steps}})
+    config = load_preset(preset, {"weights_seed": weights_seed, "diffusion": {"height": size, "width": size, "steps": steps}})
     records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=pairs).records
     sampler = build_sampler(config, device)
     refiner = None if no_sam else SamRefiner(build_sam(config.sam.model_type, config.sam.checkpoint, device=device,
-                                                       dtype=sampler.dtype, seed=config.seed))
+                                                       dtype=sampler.dtype, seed=config.weights_seed))
     result = bench_masks(sampler, refiner, [r.prompt for r in records], [r.negative_prompt for r in records],
                          [r.seed for r in records], [tuple(r.classes) for r in records], warmup=warmup, reps=reps)
     result["settings"] = {"preset": preset, "pairs": pairs, "warmup": warmup, "size": size, "steps": steps}
@@ -1238,6 +1342,7 @@ def bench_fast_command(
     reps: Annotated[int, typer.Option("--reps", help="Timed renderings per mode, the modes taking turns.")] = 3,
     device: BenchDevice = "auto",
     json_out: BenchJson = None,
+    weights_seed: BenchWeightsSeed = 0,
 ) -> None:
     """Fast mode against full mode on the same pairs: pairs/s, attention-map and mask agreement, image PSNR."""
     from magicseg_engine.bench.fast import fast_bench
@@ -1253,7 +1358,8 @@ def bench_fast_command(
     if min(pairs, reps, 1 if size is None else size, 1 if steps is None else steps) <= 0:
         raise UsageError("--pairs, --reps, --size and --steps must be positive")
     device = _resolve_device(device)
-    config = load_preset(preset, {"diffusion": {"height": size, "width": size, "steps": steps, "model": model}})
+    config = load_preset(preset, {"weights_seed": weights_seed,
+                                  "diffusion": {"height": size, "width": size, "steps": steps, "model": model}})
     result = fast_bench(config, device, chosen, pairs, reps)
     result["settings"] = {"preset": preset, "pairs": pairs, "levels": chosen}
     _write_bench_json(result, json_out)
@@ -1269,7 +1375,8 @@ def bench_backends_command(
     engines: Annotated[Path, typer.Option("--engines", help="Folder written by build-engines for this preset.")],
     preset: Annotated[str, typer.Option("--preset", help="The preset the engines were built for.")] = "tiny",
     model: BenchModel = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of random weights, as given to build-engines.")] = 0,
+    # --seed is the older name, as for build-engines.
+    weights_seed: Annotated[int, typer.Option("--weights-seed", "--seed", help="Seed of random weights, as given to build-engines. --seed: its older name.")] = 0,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,2,4",
     reps: Annotated[int, typer.Option("--reps", help="Timed repetitions (median reported).")] = 3,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed repetitions first.")] = 1,
@@ -1293,8 +1400,8 @@ def bench_backends_command(
         raise UsageError("--reps must be positive, --warmup not negative")
     sizes = parse_batch_sizes(batch_sizes)
     device = _resolve_device(device)
-    config = load_preset(preset, {"seed": seed, "diffusion": {"model": model}})
-    models = load_diffusion(config.diffusion, device, resolve_dtype("float32", device), seed=config.seed)
+    config = load_preset(preset, {"weights_seed": weights_seed, "diffusion": {"model": model}})
+    models = load_diffusion(config.diffusion, device, resolve_dtype("float32", device), seed=config.weights_seed)
     names = parse_components(components)
     if any(c not in DIFFUSION_COMPONENTS for c in names):
         raise UsageError(f"--components {components}: bench backends times text-encoder, unet and vae-decoder")
@@ -1347,6 +1454,7 @@ def bench_quality_command(
     steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps (preset default if unset).")] = None,
     guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="The shapes architecture with random weights: the floor any trained model must clear.")] = False,
+    weights_seed: Annotated[int, typer.Option("--weights-seed", help="Seed of the --random-weights model, and of the detector's random weights.")] = 0,
     sweep: Annotated[bool, typer.Option("--sweep", help="Also score the attention route over layers, steps, thresholds and self-attention refinement.")] = False,
     batch_size: BenchBatch = 16,
     device: BenchDevice = "auto",
@@ -1368,7 +1476,7 @@ def bench_quality_command(
     if random_weights and model:
         raise UsageError("--random-weights and --model exclude each other; pick one")
     device = _resolve_device(device)
-    config = load_preset(preset, {"seed": seed, "prompts": {"seed": seed},
+    config = load_preset(preset, {"seed": seed, "prompts": {"seed": seed}, "weights_seed": weights_seed,
                                   "diffusion": {"steps": steps, "guidance": guidance, "model": model,
                                                 "weights": "random" if random_weights else None}})
     records = build_prompts(config.prompts, vocab=load_vocabulary("shapes"), num=pairs).records
@@ -1513,14 +1621,15 @@ def _print_quality(result: dict) -> None:
 
 
 def _bench_context(preset: str, device: str, warmup: int, reps: int, pairs: int = 8, batch_size: int = 8,
-                   model: str | None = None):
+                   model: str | None = None, weights_seed: int = 0):
     import torch
 
     from magicseg_engine.bench.suite import BenchContext
 
     if min(reps, pairs, batch_size) <= 0 or warmup < 0:
         raise UsageError("--reps, --pairs and --batch-size must be positive, --warmup not negative")
-    return BenchContext(preset, torch.device(_resolve_device(device)), warmup, reps, pairs, batch_size, model=model)
+    return BenchContext(preset, torch.device(_resolve_device(device)), warmup, reps, pairs, batch_size, model=model,
+                        weights_seed=weights_seed)
 
 
 def _write_bench_json(result: dict, json_out: Path | None) -> None:
@@ -1551,10 +1660,11 @@ def _suite_command(name: str, doc: str):
     def command(
         preset: BenchPreset = "tiny", reps: BenchReps = 3, warmup: BenchWarmup = 1, device: BenchDevice = "auto",
         pairs: BenchPairs = 8, batch_size: BenchBatch = 8, json_out: BenchJson = None, model: BenchModel = None,
+        weights_seed: BenchWeightsSeed = 0,
     ) -> None:
         from magicseg_engine.bench.suite import run_bench
 
-        ctx = _bench_context(preset, device, warmup, reps, pairs, batch_size, model)
+        ctx = _bench_context(preset, device, warmup, reps, pairs, batch_size, model, weights_seed)
         stderr.print(f"bench {name} ({preset}) on {ctx.device}", highlight=False)
         result = run_bench(name, ctx)
         _write_bench_json(result, json_out)
@@ -1578,11 +1688,12 @@ _suite_command("train", "Time and peak memory of one training step, fused agains
 def bench_all_command(
     preset: BenchPreset = "tiny", reps: BenchReps = 3, warmup: BenchWarmup = 1, device: BenchDevice = "auto",
     pairs: BenchPairs = 8, batch_size: BenchBatch = 8, json_out: BenchJson = None, model: BenchModel = None,
+    weights_seed: BenchWeightsSeed = 0,
 ) -> None:
     """Every benchmark in one run: generate, unet, pipeline, masks, sam, losses, loader, train, with a summary."""
     from magicseg_engine.bench.suite import BENCHES, run_all
 
-    ctx = _bench_context(preset, device, warmup, reps, pairs, batch_size, model)
+    ctx = _bench_context(preset, device, warmup, reps, pairs, batch_size, model, weights_seed)
     with progress_bar() as bar:
         task = bar.add_task(f"bench all ({preset})", total=len(BENCHES), unit="benches")
         result = run_all(ctx, on_result=lambda name, _: bar.advance(task))
@@ -1601,6 +1712,7 @@ def bench_tune_command(
     encode_workers: Annotated[int, typer.Option("--encode-workers", help="Threads that JPEG-encode images.")] = 4,
     json_out: BenchJson = None,
     model: BenchModel = None,
+    weights_seed: BenchWeightsSeed = 0,
 ) -> None:
     """Sweep backend, precision, memory layout, attention kernel, CPU threads and batch size end to end with masks, against the reference pipeline."""
     import torch
@@ -1620,12 +1732,12 @@ def bench_tune_command(
     dev = torch.device(_resolve_device(device))
     chosen = parse_variants(variants, dev) if variants is not None else default_variants(dev)
     skipped = skipped_variants(dev) if variants is None else []
-    config = load_preset(preset, {"diffusion": {"model": model}})
+    config = load_preset(preset, {"weights_seed": weights_seed, "diffusion": {"model": model}})
     records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=max(pairs, reference_pairs)).records
     with progress_bar() as bar:
         task = bar.add_task(f"bench tune ({preset})", total=len(chosen) + 1, unit="variants")
         result = bench_tune(preset, dev, chosen, records[:pairs], records[:reference_pairs], sizes, encode_workers,
-                            warmup, reps, seed=config.seed, on_step=lambda _: bar.advance(task), model=model,
+                            warmup, reps, seed=config.weights_seed, on_step=lambda _: bar.advance(task), model=model,
                             skipped=skipped)
     result["headline"] = headline("tune", result)
     _write_bench_json(result, json_out)

@@ -153,7 +153,12 @@ class MaskConfig(_Strict):
 
 class RunConfig(_Strict):
     preset: str
+    # What is sampled: the classes and prompts drawn, and each pair's initial noise.
     seed: int = Field(0, ge=0, lt=2**31)
+    # What random weights are drawn from (tiny and the -random presets, and SAM and the detector
+    # where no checkpoint is given). Apart from `seed`, so that engines built once from these
+    # weights serve runs of every sampling seed, and runs of two seeds draw with one model.
+    weights_seed: int = Field(0, ge=0, lt=2**31)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     diffusion: DiffusionConfig
     sam: SamConfig
@@ -261,6 +266,18 @@ def with_overrides(base: dict[str, Any], overrides: dict[str, Any] | None, what:
         return RunConfig.model_validate(_merge(base, _drop_none(overrides or {})))
     except ValidationError as err:
         raise UsageError(f"invalid configuration for {what}: {describe_validation_error(err)}") from None
+
+
+def saved_run_config(config: Any) -> Any:
+    """The configuration a run.json holds, as this version reads it.
+
+    Runs written before `weights_seed` existed drew their random weights from `seed`; they keep
+    those weights (so a resume renders with the model that made its first pairs, and its sample
+    keys stay the same), hence a missing `weights_seed` is the run's `seed`.
+    """
+    if isinstance(config, dict) and "weights_seed" not in config:
+        return {**config, "weights_seed": config.get("seed", 0)}
+    return config
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:

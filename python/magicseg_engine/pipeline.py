@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from magicseg_engine.atomic import atomic_output, check_writable_dir, fsync_dir
-from magicseg_engine.config import RunConfig, library_versions
+from magicseg_engine.atomic import atomic_output, check_writable_dir, fsync_dir, names_failed_writes, write_all
+from magicseg_engine.config import RunConfig, library_versions, saved_run_config
 from magicseg_engine.data.encoding import encode_jpeg, encode_png
 from magicseg_engine.data.shards import (
     LOCKS_DIR,
@@ -42,6 +42,7 @@ from magicseg_engine.data.shards import (
     finished_keys,
     iter_samples,
     sample_key,
+    sample_meta,
 )
 from magicseg_engine.engine.backends import BACKENDS, make_runners, make_sam_runners, with_attention_kernel
 from magicseg_engine.errors import UsageError
@@ -167,21 +168,49 @@ def _prompt_ids_digest(records: Sequence[PromptRecord]) -> str:
 
 
 def read_run_file(out: Path) -> dict | None:
-    """The run.json of `out`, or None when there is none; UsageError when it is not a JSON object."""
+    """The run.json of `out`, or None when there is none; UsageError when it is not a JSON object
+    or an entry this package reads has the wrong type (a file edited by hand): whoever reads the
+    returned dict may then trust those entries' types. Other entries are left as they are."""
     path = out / RUN_FILE
     try:
         saved = json.loads(path.read_bytes())
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except ValueError:  # not JSON, or not UTF-8: written by something else, or damaged
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep: damaged
         saved = None
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror}") from None
     if not isinstance(saved, dict):
         raise UsageError(f"{path} is not a JSON object; restore it from a copy, or pass --overwrite to replace the run")
+    problem = _run_file_problem(saved)
+    if problem:
+        raise UsageError(f"{path}: {problem}; restore it from a copy, or pass --overwrite to replace the run")
     return saved
 
 
+def _run_file_problem(saved: dict) -> str | None:
+    """What is wrong with the entries of a run.json that the commands read, or None."""
+    if not isinstance(saved.get("config"), dict):
+        return '"config" is missing or not an object'
+    if not isinstance(saved["config"].get("masks", {}), dict):
+        return '"config.masks" is not an object'
+    vocabulary = saved.get("vocabulary")
+    if vocabulary is not None and not (isinstance(vocabulary, list) and all(isinstance(v, str) for v in vocabulary)):
+        return '"vocabulary" is not a list of class names'
+    for key, kind, name in ((STARTING, dict, "an object"), ("sessions", list, "a list"), ("balance", dict, "an object")):
+        if key in saved and not isinstance(saved[key], kind):
+            return f'"{key}" is not {name}'
+    balance = saved.get("balance") or {}
+    requested = balance.get("requested_pairs", 0)
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
+        return '"balance.requested_pairs" is not a number of pairs'
+    if not isinstance(balance.get("rounds", []), list):
+        return '"balance.rounds" is not a list'
+    return None
+
+
 def _write_run_file(out: Path, saved: dict, crash: str) -> None:
-    with atomic_output(out / RUN_FILE) as f:
+    with atomic_output(out / RUN_FILE, site="run_file") as f:
         f.write(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         _crash_point(crash)  # crash tests: the temporary file there, the rename not done
 
@@ -205,9 +234,13 @@ def _start_remains(out: Path) -> list[str] | None:
 
 def _check_same_settings(out: Path, saved: dict, config: RunConfig) -> None:
     ours = _comparable(config)
-    if saved.get("config", {}) != ours:
-        changed = _changed_fields(saved.get("config", {}), ours)
-        raise UsageError(f"--resume: the settings differ from the run in {out} ({', '.join(changed)}); "
+    theirs = saved_run_config(saved.get("config", {}))
+    if theirs != ours:
+        changed = _changed_fields(theirs, ours)
+        # A run from before --weights-seed existed has the weights of its --seed: say which to pass.
+        hint = (f"; its weights come from --weights-seed {theirs['weights_seed']}"
+                if "weights_seed" in changed and isinstance(theirs.get("weights_seed"), int) else "")
+        raise UsageError(f"--resume: the settings differ from the run in {out} ({', '.join(changed)}){hint}; "
                          "use the same flags, or --overwrite to start again")
 
 
@@ -305,13 +338,15 @@ def _complete_start(out: Path, config: RunConfig, records: Sequence[PromptRecord
 
 
 def start_run(out: Path, config: RunConfig, records: Sequence[PromptRecord],
-              vocabulary: Sequence[str] | None = None) -> None:
+              vocabulary: Sequence[str] | None = None, extra: dict | None = None) -> None:
     """Initialise `out` for a new run, removing the files of a run it held before.
 
     Follows the four steps above, so a kill anywhere leaves a directory `open_run` recognises.
     `vocabulary` (the class list the prompts drew from, in its label order) is kept in run.json,
     so that exports number categories the same way in every run of that vocabulary; completing
     an interrupted start without one (a bare --resume) keeps the one its first try saved.
+    `extra` holds more run.json entries that belong to the run from its start (the --balance
+    record): they are written with the marker, so no kill can leave a started run without them.
     """
     check_writable_dir(out)
     records = list(records)
@@ -319,10 +354,12 @@ def start_run(out: Path, config: RunConfig, records: Sequence[PromptRecord],
     if vocabulary is None:
         with contextlib.suppress(UsageError):
             before = read_run_file(out) or {}
-            if STARTING in before and before.get("config") == saved["config"] and "vocabulary" in before:
+            if (STARTING in before and saved_run_config(before.get("config")) == saved["config"]
+                    and "vocabulary" in before):
                 vocabulary = before["vocabulary"]
     if vocabulary is not None:
         saved["vocabulary"] = list(vocabulary)
+    saved.update(extra or {})
     # 1. The marker: from here a kill leaves a run that --resume completes.
     starting = {"prompts": len(records), "prompt_ids_sha256": _prompt_ids_digest(records)}
     _write_run_file(out, {**saved, STARTING: starting}, "start_marker_tmp")
@@ -386,19 +423,37 @@ def dropped_keys(out: Path) -> set[str]:
     if not path.exists():
         return set()
     keys = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
+    unreadable = 0
+    for line in path.read_bytes().splitlines():
         try:
-            keys.add(json.loads(line)["key"])
-        except (json.JSONDecodeError, KeyError):
-            continue  # a torn last line: that pair is simply redone
+            key = json.loads(line)["key"]
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+            key = None
+        if isinstance(key, str):
+            keys.add(key)
+        elif line.strip():
+            # A torn last line, or one damaged or edited: that pair is not taken as dropped, so it
+            # is rendered (and judged) again, which loses nothing.
+            unreadable += 1
+    if unreadable:
+        log.warning("%s: %d line(s) are not a dropped pair's record and were ignored", path, unreadable)
     return keys
 
 
 def log_dropped(out: Path, key: str, reason: str) -> None:
-    fd = os.open(out / DROPPED_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    path = out / DROPPED_FILE
+    with names_failed_writes(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        os.write(fd, (json.dumps({"key": key, "reason": reason}) + "\n").encode())
-        os.fsync(fd)
+        line = (json.dumps({"key": key, "reason": reason}) + "\n").encode()
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            # The last line was torn (a full disk took part of it): end it, so that this line
+            # stays readable; `dropped_keys` skips the torn one, whose pair is judged again.
+            line = b"\n" + line
+        write_all(fd, line, site="dropped", path=path)
+        with names_failed_writes(path):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -482,7 +537,7 @@ class SampleSink:
 
         Pending annotations are finished on the writer thread, before the batch is written;
         an error there, as in encoding, is raised by the next `submit` or by `close`."""
-        self._raise_if_failed()
+        self.raise_if_failed()
         self.queue.put((items, batch, annotations))
 
     def _run(self) -> None:
@@ -511,7 +566,8 @@ class SampleSink:
         for i, (key, meta) in enumerate(items):
             self.pairs.write(key, meta, pos[i], neg[i], annotations[i] if annotations else None)
 
-    def _raise_if_failed(self) -> None:
+    def raise_if_failed(self) -> None:
+        """Raise the writer thread's error, if it had one (it writes nothing after it)."""
         if self.error is not None:
             raise self.error
 
@@ -519,7 +575,7 @@ class SampleSink:
         self.queue.put(None)
         self.thread.join()
         self.pool.shutdown()
-        self._raise_if_failed()
+        self.raise_if_failed()
 
 
 # --- the run ---------------------------------------------------------------------------
@@ -532,13 +588,18 @@ def mask_source(config: RunConfig) -> str:
     return f"{m.source}+sam" if m.refine_with_sam else m.source
 
 
-def sample_metadata(record: PromptRecord, key: str, model_id: str, config: RunConfig) -> dict:
+def sample_metadata(record: PromptRecord, key: str, model_id: str, config: RunConfig,
+                    dtype: torch.dtype | None = None) -> dict:
+    """A sample's JSON. `dtype` is the one the sampler ran in, which can differ from the requested
+    --dtype (float32 on a CPU without bfloat16 instructions): the record says what was done."""
     d = config.diffusion
+    ran = str(dtype).removeprefix("torch.") if dtype is not None else d.dtype
     return {
         "key": key, "prompt_id": record.id, "classes": list(record.classes),
         "prompt": record.prompt, "negative_prompt": record.negative_prompt, "seed": record.seed,
         "model": model_id, "preset": config.preset, "steps": d.steps, "guidance": d.guidance,
-        "scheduler": d.scheduler, "size": [d.height, d.width], "dtype": d.dtype,
+        "scheduler": d.scheduler, "size": [d.height, d.width], "dtype": ran,
+        **({"dtype_requested": d.dtype} if ran != d.dtype else {}),
         "shared_noise": not d.independent_noise, "mask_source": mask_source(config),
     }
 
@@ -567,7 +628,7 @@ def build_sampler(config: RunConfig, device: str | torch.device, backend: str = 
                          "use --backend torch, or --fast 0")
     device = torch.device(device)
     dtype = resolve_dtype(d.dtype, device)
-    models = load_diffusion(d, device, dtype, seed=config.seed, channels_last=channels_last)
+    models = load_diffusion(d, device, dtype, seed=config.weights_seed, channels_last=channels_last)
     settings = SamplingSettings(height=d.height, width=d.width, steps=d.steps, guidance=d.guidance,
                                 scheduler=d.scheduler, independent_noise=d.independent_noise, fast=d.fast)
     latent_shape = (models.latent_channels, d.height // models.vae_scale_factor, d.width // models.vae_scale_factor)
@@ -623,11 +684,12 @@ def build_annotator(config: RunConfig, device: str | torch.device, dtype: torch.
     if config.masks.refine_with_sam:
         from magicseg_engine.engine.build import sam_identity
 
-        sam = build_sam(config.sam.model_type, config.sam.checkpoint, device=device, dtype=dtype, seed=config.seed)
+        sam = build_sam(config.sam.model_type, config.sam.checkpoint, device=device, dtype=dtype,
+                        seed=config.weights_seed)
         refiner = SamRefiner(sam, runners=make_sam_runners(backend, sam, sam_identity(config), engines))
     detector = None
     if "detector" in config.masks.source:
-        detector = build_detector(config.masks.detector_model, device=device, seed=config.seed,
+        detector = build_detector(config.masks.detector_model, device=device, seed=config.weights_seed,
                                   box_threshold=config.masks.box_threshold,
                                   text_threshold=config.masks.text_threshold)
     return MaskAnnotator(config.masks, refiner, detector)
@@ -682,6 +744,7 @@ def render_pairs(writer: ShardWriter, config: RunConfig, todo: Sequence[tuple[st
     try:
         i = 0
         while i < len(todo):
+            sink.raise_if_failed()  # a failed write (a full disk) stops the run before the next batch
             chunk = todo[i:i + batch_size]
             try:
                 if masks is not None:
@@ -698,7 +761,7 @@ def render_pairs(writer: ShardWriter, config: RunConfig, todo: Sequence[tuple[st
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            items = [(k, sample_metadata(r, k, model_id, config)) for k, r in chunk]
+            items = [(k, sample_metadata(r, k, model_id, config, sampler.dtype)) for k, r in chunk]
             sink.submit(items, pairs, annotations)
             i += len(chunk)
             generated += len(chunk)
@@ -776,6 +839,29 @@ def _decode_rgb(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(BytesIO(data)).convert("RGB"))
 
 
+def _decoded(sample: dict, member: str, decode: Callable[[bytes], object]):
+    """`decode` of one member of a source sample; a damaged member is one line naming it and its shard."""
+    try:
+        return decode(sample[member])
+    except Exception as err:  # PIL and numpy raise many types for damaged bytes
+        raise UsageError(f"{member} of sample {sample['__key__']} in shard {sample.get('__url__', '?')} cannot be "
+                         f"decoded ({type(err).__name__}: {str(err)[:120]}); restore the shard from a copy") from None
+
+
+def _pair_maps(data: bytes) -> torch.Tensor:
+    maps = decode_attention(data)
+    if maps.ndim != 4 or maps.shape[0] != 2:
+        raise ValueError(f"maps of shape {tuple(maps.shape)}, not [2, classes, h, w]")
+    return maps
+
+
+def _same_shapes(arrays: list, what: str, batch: list[dict]) -> list:
+    if len({tuple(a.shape[-2:]) if what == "maps" else a.shape for a in arrays}) > 1:
+        raise UsageError(f"the {what} of samples {batch[0]['__key__']} and {batch[-1]['__key__']} (shard "
+                         f"{batch[-1].get('__url__', '?')}) differ in size; a run's pairs all have one size")
+    return arrays
+
+
 def _stack_maps(maps: list[torch.Tensor]) -> torch.Tensor:
     """Pairs' [2, C_i, h, w] maps padded with zero maps to [B, 2, max C_i, h, w]."""
     c_max = max(m.shape[1] for m in maps)
@@ -803,14 +889,16 @@ def reannotate_run(source: Path, out: Path, config: RunConfig, annotator: MaskAn
         pair_writer = PairWriter(writer, config.masks.drop_failed_pairs)
 
         def annotate(batch: list[dict]) -> None:
-            metas = [json.loads(s["json"]) for s in batch]
+            metas = [sample_meta(s) for s in batch]
             classes = [tuple(m["classes"]) for m in metas]
-            positives = np.stack([_decode_rgb(s["pos.jpg"]) for s in batch])
+            positives = np.stack(_same_shapes([_decoded(s, "pos.jpg", _decode_rgb) for s in batch], "images", batch))
             if all("attn.npy" in s for s in batch):
-                maps = _stack_maps([decode_attention(s["attn.npy"]) for s in batch]).to(options.device)
+                maps = _stack_maps(_same_shapes([_decoded(s, "attn.npy", _pair_maps) for s in batch],
+                                                "maps", batch)).to(options.device)
                 notes = annotator(positives, maps, classes)
             else:
-                negatives = np.stack([_decode_rgb(s["neg.jpg"]) for s in batch])
+                negatives = np.stack(_same_shapes([_decoded(s, "neg.jpg", _decode_rgb) for s in batch], "images",
+                                                  batch))
                 notes = annotator(positives, None, classes, negatives=negatives)
             for sample, meta, note in zip(batch, metas, notes):
                 meta["mask_source"] = mask_source(config)

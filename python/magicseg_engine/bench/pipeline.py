@@ -72,7 +72,7 @@ def engine_pipeline(config, sampler, masks, records, out: Path, batch_size: int,
 
 def reference_detector(config, device: torch.device):
     """The reference pipeline's detector: the run's Grounding DINO, or the tiny random one."""
-    return build_detector(config.masks.detector_model or "tiny", device=device, seed=config.seed,
+    return build_detector(config.masks.detector_model or "tiny", device=device, seed=config.weights_seed,
                           box_threshold=config.masks.box_threshold, text_threshold=config.masks.text_threshold)
 
 

@@ -323,7 +323,7 @@ def run_quality(config: RunConfig, records, device: str = "cpu", batch_size: int
         r["images"] = int(sum(keep))
     ranking = denoiser_ranking(rendered.models, seed=config.seed)
     result = {
-        "benchmark": "quality", "preset": config.preset, "model_id": model_identity(config.diffusion, device, config.seed),
+        "benchmark": "quality", "preset": config.preset, "model_id": model_identity(config.diffusion, device, config.weights_seed),
         "pairs": n, "seed": config.seed, "steps": config.diffusion.steps, "guidance": config.diffusion.guidance,
         "mask_settings": {"capture_steps": list(m.capture_steps), "factors": list(factors),
                           "threshold": m.threshold, "self_attention_power": m.self_attention_power},

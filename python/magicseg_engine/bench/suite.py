@@ -29,13 +29,15 @@ class BenchContext:
     batch_size: int = 8
     # The diffusers folder or hub id of presets that load one (sd15, sd21, sdxl).
     model: str | None = None
+    # The seed of the preset's random weights (generate --weights-seed).
+    weights_seed: int = 0
     _cache: dict = field(default_factory=dict, repr=False)
 
     @cached_property
     def config(self):
         from magicseg_engine.config import load_preset
 
-        return load_preset(self.preset, {"diffusion": {"model": self.model}})
+        return load_preset(self.preset, {"weights_seed": self.weights_seed, "diffusion": {"model": self.model}})
 
     @cached_property
     def sampler(self):

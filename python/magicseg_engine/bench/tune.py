@@ -271,7 +271,7 @@ def _build(preset: str, device: torch.device, variant: Variant, seed: int, model
     from magicseg_engine.config import load_preset
     from magicseg_engine.pipeline import build_mask_stage, build_sampler
 
-    config = load_preset(preset, {"seed": seed, "diffusion": {"dtype": variant.dtype, "model": model}})
+    config = load_preset(preset, {"weights_seed": seed, "diffusion": {"dtype": variant.dtype, "model": model}})
     sampler = build_sampler(config, str(device), variant.backend, engines, channels_last=variant.channels_last,
                             attention=variant.attention)
     return config, sampler, build_mask_stage(config, sampler, engines)
@@ -284,7 +284,7 @@ def _export(preset: str, device: torch.device, dtype: str, seed: int, model: str
     from magicseg_engine.engine.build import build_engines
     from magicseg_engine.engine.export import CAPTURE_COMPONENT, DIFFUSION_COMPONENTS, SAM_COMPONENTS
 
-    config = load_preset(preset, {"seed": seed, "diffusion": {"dtype": dtype, "model": model}})
+    config = load_preset(preset, {"weights_seed": seed, "diffusion": {"dtype": dtype, "model": model}})
     components = (DIFFUSION_COMPONENTS + ((CAPTURE_COMPONENT,) if config.masks.source != "none" else ())
                   + (SAM_COMPONENTS if config.masks.refine_with_sam else ()))
     t0 = time.perf_counter()
@@ -423,7 +423,7 @@ def bench_tune(preset: str, device: torch.device, variants: Sequence[Variant], r
         "preset": preset,
         "model": model,
         "settings": {"pairs": len(records), "reference_pairs": len(reference_records), "batch_sizes": batch_sizes,
-                     "encode_workers": encode_workers, "warmup": warmup, "reps": reps, "seed": seed},
+                     "encode_workers": encode_workers, "warmup": warmup, "reps": reps, "weights_seed": seed},
         "sdpa": sdpa_backends(),
         "dense_peak_tflops": peak,
         "reference": reference,

@@ -52,7 +52,15 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from magicseg_engine.atomic import fsync_dir, atomic_output, check_writable_dir
+from magicseg_engine.atomic import (
+    DISK_ERRNOS,
+    atomic_output,
+    check_writable_dir,
+    fault_point,
+    fsync_dir,
+    names_failed_writes,
+    write_all,
+)
 from magicseg_engine.errors import UsageError
 
 MANIFEST = "manifest.jsonl"
@@ -136,6 +144,10 @@ class ShardInfo:
             raise ValueError(f"bad shard name {name!r}")
         if not isinstance(keys, list) or not all(isinstance(k, str) and _KEY.match(k) for k in keys):
             raise ValueError("'keys' must be a list of sample keys")
+        if len(set(keys)) != len(keys):
+            # A shard never holds a key twice (the writer refuses it), so the line was edited.
+            twice = next(k for i, k in enumerate(keys) if k in keys[:i])
+            raise ValueError(f"'keys' lists sample {twice} twice")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError("'bytes' must be a non-negative integer")
         if not isinstance(digest, str) or not _SHA256.match(digest):
@@ -143,16 +155,20 @@ class ShardInfo:
         return cls(name, tuple(keys), size, digest)
 
 
-def _write_line(fd: int, line: bytes) -> None:
-    """Append one manifest line and make it durable. The caller holds the manifest lock."""
+def _write_line(fd: int, line: bytes, path: Path) -> None:
+    """Append one manifest line and make it durable. The caller holds the manifest lock.
+
+    A full disk can take part of the line and refuse the rest: the torn tail is cut off by the
+    next load, and the shard, already in place, is listed again by its recovery."""
     if _crash_requested("mid_manifest"):  # crash tests: tear the line in two
         os.write(fd, line[: len(line) // 2])
         _crash_point("mid_manifest")
         line = line[len(line) // 2:]
-    written = os.write(fd, line)  # one write, so concurrent O_APPEND writers cannot interleave
-    while written < len(line):  # a short write to a regular file needs a full disk; finish it
-        written += os.write(fd, line[written:])
-    os.fsync(fd)
+    # One write, so concurrent O_APPEND writers cannot interleave (they hold the manifest lock
+    # too); a short write, which only a full disk gives, is finished by write_all.
+    write_all(fd, line, site="manifest", path=path)
+    with names_failed_writes(path):
+        os.fsync(fd)
 
 
 def _cut_torn_tail(fd: int) -> None:
@@ -180,6 +196,8 @@ def _locked_manifest(run_dir: Path) -> Iterator[int]:
         fd = os.open(run_dir / MANIFEST, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as err:
         path = run_dir / MANIFEST
+        if err.errno in DISK_ERRNOS:  # full or failing disk: reported as such by the caller
+            raise OSError(err.errno, err.strerror, str(path)) from None
         raise UsageError(f"cannot update {path}: {err.strerror}; make the run directory writable") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -204,35 +222,38 @@ def _read_all(fd: int) -> bytes:
 def _parse_manifest(data: bytes, path: Path) -> list[ShardInfo]:
     """All complete lines; a torn last line (no newline) is ignored, any other bad line reported."""
     lines = data.split(b"\n")[:-1]  # the piece after the last newline is torn or empty
-    entries: list[ShardInfo] = []
+    entries: list[tuple[int, ShardInfo]] = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            entries.append(ShardInfo.parse(line))
+            entries.append((lineno, ShardInfo.parse(line)))
         except ValueError as err:
             raise UsageError(
                 f"{path} line {lineno} is not a shard entry ({err}); restore the manifest from a "
                 "copy or delete that line and the shard it names, whose samples are then generated again"
             ) from None
     _check_unique(entries, path)
-    return entries
+    return [entry for _, entry in entries]
 
 
-def _check_unique(entries: list[ShardInfo], path: Path) -> None:
-    owner: dict[str, str] = {}
-    names: set[str] = set()
-    for entry in entries:
+def _check_unique(entries: list[tuple[int, ShardInfo]], path: Path) -> None:
+    """Each shard listed once, each key in one shard; a refusal names both lines."""
+    owner: dict[str, tuple[int, str]] = {}
+    names: dict[str, int] = {}
+    for lineno, entry in entries:
         if entry.name in names:
-            raise UsageError(f"{path} lists shard {entry.name} twice; delete one of the two lines")
-        names.add(entry.name)
+            raise UsageError(f"{path} line {lineno} lists shard {entry.name} again (first on line "
+                             f"{names[entry.name]}); delete one of the two lines")
+        names[entry.name] = lineno
         for key in entry.keys:
             if key in owner:
+                first, shard = owner[key]
                 raise UsageError(
-                    f"{path} lists sample {key} in both {owner[key]} and {entry.name}; "
-                    f"delete the line of one of the two shards and that shard"
+                    f"{path} line {lineno} lists sample {key} of {entry.name}, which line {first} lists in "
+                    f"{shard}; delete the line of one of the two shards and that shard"
                 )
-            owner[key] = entry.name
+            owner[key] = (lineno, entry.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,13 +329,16 @@ def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 class _HashingFile:
     """Passes writes through while counting and hashing them: the shard is never read back."""
 
-    def __init__(self, f) -> None:
+    def __init__(self, f, path: Path) -> None:
         self._f = f
+        self._path = path  # the shard's final name: disk errors name it
         self.size = 0
         self.digest = hashlib.sha256()
 
     def write(self, data) -> int:
-        self._f.write(data)
+        with names_failed_writes(self._path):
+            fault_point("shard_data", self._path)
+            self._f.write(data)
         self.digest.update(data)
         self.size += len(data)
         return len(data)
@@ -491,7 +515,7 @@ def _recover(run_dir: Path, name: str, entries: list[ShardInfo], fd: int) -> Sha
         )
     size, digest = _sha256_file(path)
     info = ShardInfo(name, tuple(keys), size, digest)
-    _write_line(fd, info.line())
+    _write_line(fd, info.line(), run_dir / MANIFEST)
     return info
 
 
@@ -592,7 +616,7 @@ class ShardWriter:
             info = shard.finish()
             _crash_point("before_manifest")
             with _locked_manifest(self.run_dir) as fd:
-                _write_line(fd, info.line())
+                _write_line(fd, info.line(), self.run_dir / MANIFEST)
         except BaseException:
             self._fail(shard)
             raise
@@ -662,7 +686,7 @@ class _OpenShard:
         self.keys: list[str] = []
         self._exts: tuple[str, ...] | None = None
         self._stack = contextlib.ExitStack()
-        self._file = _HashingFile(self._stack.enter_context(atomic_output(path, "wb")))
+        self._file = _HashingFile(self._stack.enter_context(atomic_output(path, "wb", site="shard_commit")), path)
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
 
     def check(self, key: str, members: list[tuple[str, bytes]]) -> None:
@@ -706,11 +730,62 @@ def shard_sha256(path: Path | str) -> str:
     return _sha256_file(Path(path))[1]
 
 
-def iter_shard(path: Path | str) -> Iterator[dict]:
-    """The samples of one shard file, as `iter_samples` gives them."""
-    import webdataset as wds
+def iter_shard(path: Path | str, keys: tuple[str, ...] | None = None) -> Iterator[dict]:
+    """The samples of one shard file, as `iter_samples` gives them.
 
-    yield from wds.WebDataset([str(path)], shardshuffle=False, empty_check=False)
+    A shard that cannot be read to its end, holds the members of one sample apart (the writer
+    keeps them together; a reader would see two half samples), or, when its manifest line's
+    `keys` are given, holds other samples than those, raises UsageError naming the shard: a
+    reader stops there rather than use a part of it.
+    """
+    import webdataset as wds  # imports torch: only readers pay for it
+
+    path = Path(path)
+    fix = (f"restore it from a copy, or delete its line from {MANIFEST} so that its samples are "
+           "generated again")
+    seen: list[str] = []
+    seen_set: set[str] = set()
+    try:
+        for sample in wds.WebDataset([str(path)], shardshuffle=False, empty_check=False):
+            key = sample["__key__"]
+            if key in seen_set:
+                raise UsageError(f"shard {path}: the files of sample {key} are not together, so it reads as "
+                                 f"two incomplete samples; {fix}")
+            if keys is not None and (len(seen) >= len(keys) or keys[len(seen)] != key):
+                break
+            seen.append(key)
+            seen_set.add(key)
+            yield sample
+    except UsageError:
+        raise
+    except Exception as err:  # tarfile, webdataset and decoding errors alike mean a damaged file
+        raise UsageError(f"shard {path} cannot be read ({_why(err)}); {fix}") from None
+    if keys is not None and tuple(seen) != tuple(keys):
+        raise UsageError(f"shard {path} does not hold the samples its {MANIFEST} line lists (sample "
+                         f"{len(seen) + 1} of {len(keys)} is missing or another); {fix}")
+
+
+def _why(err: BaseException) -> str:
+    """A short reason for a read error: tarfile packs file objects into its arguments."""
+    text = str(err.args[0]) if err.args else type(err).__name__
+    text = text.split(" @ ")[0]
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def sample_meta(sample: Mapping, shard: Path | str | None = None) -> dict:
+    """A sample's `json` member as a dict with a list of class names; UsageError naming the
+    sample and its shard when it is missing or damaged."""
+    where = f"sample {sample.get('__key__')} in shard {shard or sample.get('__url__', '?')}"
+    data = sample.get("json")
+    try:
+        meta = json.loads(data) if data is not None else None
+    except (ValueError, RecursionError):  # not JSON or not UTF-8
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list) or not meta["classes"] \
+            or not all(isinstance(c, str) for c in meta["classes"]):
+        raise UsageError(f"{where} has no readable JSON with its class names; restore the shard from a copy, or "
+                         f"delete its line from {MANIFEST} so that its samples are generated again")
+    return meta
 
 
 def iter_samples(run_dir: Path | str, *, verify: bool = True) -> Iterator[dict]:
@@ -718,11 +793,9 @@ def iter_samples(run_dir: Path | str, *, verify: bool = True) -> Iterator[dict]:
 
     Each is a dict with one bytes value per extension ("pos.jpg", "json", ...), "__key__",
     and WebDataset's other bookkeeping entries (names in double underscores, like "__url__").
-    Shards being written and unlisted shards are not read; nothing on disk is changed.
+    Shards being written and unlisted shards are not read; nothing on disk is changed. A
+    listed shard that is damaged stops the reading with UsageError naming it (`iter_shard`).
     """
-    import webdataset as wds  # imports torch: only readers pay for it
-
-    urls = [str(p) for p in shard_paths(run_dir, verify=verify)]
-    if not urls:
-        return
-    yield from wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    state = RunState.load(run_dir, verify=verify, repair=False)
+    for shard in state.shards:
+        yield from iter_shard(state.run_dir / SHARDS_DIR / shard.name, shard.keys)

@@ -19,6 +19,25 @@ export --format mmseg` writes it; its class names come from its `classes.txt`.
 VOC and COCO-Object score background as a class (the model predicts it by a threshold on its
 top class score); PASCAL Context 59 and COCO-Stuff 171 leave unlabelled pixels out. A root
 may also be a folder above the layout (`VOCdevkit/`, its parent, `coco_stuff164k/`'s parent).
+
+Label PNGs hold the label values themselves: 8-bit grey ("L") or palette ("P", as VOC ships
+them: the palette indices are the labels, the colours only show them). Any other mode (RGB
+colour-coded labels, 16-bit) is refused in one line rather than guessed at.
+
+What is read, and what is refused (UsageError, one line, before any inference):
+- layouts with a split file read exactly the ids it lists (blank lines, surrounding spaces,
+  CRLF line ends and a UTF-8 byte-order mark are allowed); an id listed twice, an unreadable or
+  non-UTF-8 list, and a listed id without its image or label file are refused;
+- layouts without one (COCO, mmseg) read every image in the image folder, each of which must
+  have its label file, and every label file must have its image (a partial copy of either
+  folder is refused, not scored on what is left); files of other names beside them (the raw
+  COCO-Stuff maps next to `*_labelTrainIds.png`, notes, thumbnails) are left alone, and hidden
+  files (names starting with "."; macOS's `._*` copies) are skipped and counted in
+  `EvalDataset.skipped_hidden`;
+- each image's and label's header is read when the dataset is loaded: a label of another mode,
+  a label of another size than its image, and a file that is not an image are refused then;
+  a label value beyond the classes and a file damaged past its header are refused when
+  evaluation decodes them.
 """
 
 from __future__ import annotations
@@ -49,7 +68,7 @@ class Layout:
     label_dir: str
     label_suffix: str
     image_suffix: str = ".jpg"
-    split_file: str | None = None  # a list of ids; None: every image that has a label file
+    split_file: str | None = None  # a list of ids; None: every image (each must have its label file)
     # Folders under a given root where the layout is also looked for.
     nested: tuple[str, ...] = ()
     # A file in the root naming the classes in label order, background first (replaces `vocabulary`).
@@ -106,6 +125,7 @@ class EvalDataset:
     split: str
     samples: tuple[Sample, ...]
     class_names: tuple[str, ...]  # the names given to the model (without background)
+    skipped_hidden: int = 0  # hidden files (".*") in the image or label folder, never samples
 
     @property
     def background(self) -> bool:
@@ -125,12 +145,36 @@ class EvalDataset:
         return decode_labels(sample.label, self.layout, len(self.class_names))
 
 
+def _check_label_mode(path: Path, mode: str, layout: Layout) -> None:
+    if mode not in ("L", "P"):
+        raise UsageError(f"{path} has image mode {mode}; {layout.title} labels are 8-bit label PNGs "
+                         "(grey or palette images holding the label values)")
+
+
+def check_headers(samples: Sequence[Sample], layout: Layout) -> None:
+    """Read each sample's image and label headers (not their pixels): UsageError for a file that
+    is not an image, a label of another mode, or a label of another size than its image."""
+    for sample in samples:
+        try:
+            with Image.open(sample.label) as label:
+                mode, size = label.mode, label.size
+        except (OSError, SyntaxError) as err:
+            raise UsageError(f"cannot read label file {sample.label}: {err}") from None
+        _check_label_mode(sample.label, mode, layout)
+        try:
+            with Image.open(sample.image) as image:
+                image_size = image.size
+        except (OSError, SyntaxError) as err:
+            raise UsageError(f"cannot read image {sample.image}: {err}") from None
+        if size != image_size:
+            raise UsageError(f"{sample.label} is {size[0]}x{size[1]} but its image is {image_size[0]}x{image_size[1]}")
+
+
 def decode_labels(path: Path, layout: Layout, named_classes: int) -> np.ndarray:
     """Evaluation labels of a label PNG; UsageError for a file that is not one of `layout`."""
     try:
         with Image.open(path) as image:
-            if image.mode not in ("L", "P"):
-                raise UsageError(f"{path} has image mode {image.mode}; {layout.title} labels are 8-bit label PNGs")
+            _check_label_mode(path, image.mode, layout)
             raw = np.asarray(image).astype(np.int64)  # "P": the palette indices are the labels
     except (OSError, SyntaxError) as err:
         raise UsageError(f"cannot read label file {path}: {err}") from None
@@ -190,12 +234,37 @@ def _refuse_run(root: Path) -> None:
                      "and evaluate the export with --dataset mmseg")
 
 
+def _text_lines(path: Path, what: str) -> list[str]:
+    """The non-blank, stripped lines of a UTF-8 text file (a byte-order mark allowed)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not UTF-8 text (byte {err.start}); {what} is one name per line") from None
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _class_file_names(path: Path) -> tuple[str, ...]:
     """The named classes of a class file whose first line is the background."""
     if not path.is_file():
         raise UsageError(f"{path.parent} has no {path.name} (the class names, background first); pass --classes")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return tuple(lines[1:])
+    return tuple(_text_lines(path, "a class file")[1:])
+
+
+def _split_ids(path: Path) -> list[str]:
+    """The ids a split file lists, each once."""
+    ids = _text_lines(path, "a split file")
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            raise UsageError(f"{path} lists {i!r} more than once; each id is one sample")
+        seen.add(i)
+    return ids
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".")
 
 
 def _holds_layout(layout: Layout, folder: Path, split: str) -> bool:
@@ -220,15 +289,24 @@ def load_dataset(name: str, root: Path | str, split: str = "val", class_names: S
     folder = find_root(layout, Path(root), split)
     images = folder / layout.image_dir.format(split=split)
     labels = folder / layout.label_dir.format(split=split)
+    hidden = 0
     if layout.split_file:
-        list_file = folder / layout.split_file.format(split=split)
-        ids = [line.strip() for line in list_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        ids = _split_ids(folder / layout.split_file.format(split=split))
         samples = [Sample(i, images / f"{i}{layout.image_suffix}", labels / f"{i}{layout.label_suffix}")
                    for i in ids]
     else:
+        found = sorted(images.glob(f"*{layout.image_suffix}"))
+        label_files = sorted(labels.glob(f"*{layout.label_suffix}"))
+        hidden = sum(map(_hidden, found)) + sum(map(_hidden, label_files))
         samples = [Sample(p.name[: -len(layout.image_suffix)], p,
                           labels / (p.name[: -len(layout.image_suffix)] + layout.label_suffix))
-                   for p in sorted(images.glob(f"*{layout.image_suffix}"))]
+                   for p in found if not _hidden(p)]
+        wanted = {s.label.name for s in samples}
+        orphans = [p for p in label_files if not _hidden(p) and p.name not in wanted]
+        if orphans:
+            image_name = orphans[0].name[: -len(layout.label_suffix)] + layout.image_suffix
+            raise UsageError(f"{len(orphans)} {layout.title} {split} label files have no image (e.g. {orphans[0]} "
+                             f"has no {images / image_name}); the dataset is incomplete")
     missing = [s for s in samples if not s.image.is_file() or not s.label.is_file()]
     if missing:
         first = missing[0].image if not missing[0].image.is_file() else missing[0].label
@@ -239,6 +317,7 @@ def load_dataset(name: str, root: Path | str, split: str = "val", class_names: S
     samples.sort(key=lambda s: s.id)
     if limit is not None:
         samples = samples[:limit]
+    check_headers(samples, layout)
     if class_names is not None:
         names = tuple(class_names)
     elif layout.class_file:
@@ -247,4 +326,4 @@ def load_dataset(name: str, root: Path | str, split: str = "val", class_names: S
         names = load_vocabulary(layout.vocabulary).classes
     if not names:
         raise UsageError("the class list is empty")
-    return EvalDataset(layout, folder, split, tuple(samples), tuple(names))
+    return EvalDataset(layout, folder, split, tuple(samples), tuple(names), skipped_hidden=hidden)

@@ -27,7 +27,7 @@ from magicseg_engine.evaluate.datasets import IGNORE_LABEL, EvalDataset, Sample
 from magicseg_engine.evaluate.inference import SlideSettings, SlidingWindowSegmenter, logits_to_labels
 from magicseg_engine.evaluate.metrics import ConfusionMatrix
 from magicseg_engine.train.data import CLIP_MEAN, CLIP_STD
-from magicseg_engine.train.loop import CHECKPOINTS_DIR, checkpoint_paths, load_checkpoint
+from magicseg_engine.train.loop import CHECKPOINTS_DIR, checkpoint_paths, load_checkpoint, load_weights
 from magicseg_engine.train.model import MagicSegModel, SegModelConfig, TextEmbeddingBank
 
 
@@ -78,7 +78,7 @@ def load_segmenter(checkpoint: Path | str, device: torch.device | str = "cpu") -
     except Exception as err:  # pydantic's ValidationError, or a checkpoint without a model config
         raise UsageError(f"{path} holds no usable model configuration ({type(err).__name__})") from None
     model = MagicSegModel(config)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], path)
     model.to(device).eval()
     return Segmenter(model, path, int(state["step"]), run_dir)
 
@@ -190,6 +190,7 @@ def evaluate(
         "split": dataset.split,
         "root": str(dataset.root),
         "images": done,
+        "skipped_hidden_files": dataset.skipped_hidden,
         "classes": dataset.num_classes,
         "background": dataset.background,
         "checkpoint": str(segmenter.checkpoint),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from magicseg_engine.atomic import atomic_output
+from magicseg_engine.atomic import atomic_output, write_file
 from magicseg_engine.formats.source import Pair, RunSource
 
 PARTS = ".parts"
@@ -51,7 +51,7 @@ class CocoWriter:
             next_image += 2
             check = pair.meta.get("masks", {}).get("counterfactual", {})
             for suffix, data in ((".jpg", pair.positive), (".neg.jpg", pair.negative)):
-                (images_dir / f"{pair.key}{suffix}").write_bytes(data)
+                write_file(images_dir / f"{pair.key}{suffix}", data, site="export_data")
             removed = sorted({self.ids[c] for c in pair.classes})
             images.append({"id": pos_id, "file_name": f"{pair.key}.jpg", "height": h, "width": w,
                            "magicseg_key": pair.key, "prompt": pair.meta["prompt"], "counterfactual": False,
@@ -73,7 +73,7 @@ class CocoWriter:
                     "iscrowd": 0, "score": float(info.get("score", 1.0)),
                 })
                 next_annotation += 1
-        with atomic_output(parts / f"{name}.json") as f:
+        with atomic_output(parts / f"{name}.json", site="export_data") as f:
             json.dump({"images": images, "annotations": annotations}, f)
         state.counters.update(next_image_id=next_image, next_annotation_id=next_annotation)
 
@@ -87,7 +87,7 @@ class CocoWriter:
             "licenses": [],
             "categories": [{"id": i, "name": n, "supercategory": "object"} for n, i in self.ids.items()],
         }
-        with atomic_output(self.out / "annotations" / "instances.json") as f:
+        with atomic_output(self.out / "annotations" / "instances.json", site="export_final") as f:
             f.write(json.dumps(header)[:-1])  # the object stays open for the two lists
             for field in ("images", "annotations"):
                 f.write(f', "{field}": [')

@@ -71,6 +71,7 @@ class ExportJob:
         exported, then with 1 per shard."""
         out, identity, writer, source = self.out, self.identity, self.writer, self.source
         with _locked(out):
+            _remove_leftovers(out)
             state = _open_ledger(out, identity)
             todo = [s for s in source.shards if s.name not in set(state.shards_done)]
             if progress:
@@ -78,7 +79,8 @@ class ExportJob:
             crash_after = int(os.environ.get(_CRASH_ENV, "0"))
             left = [crash_after]
             for shard in todo:
-                pairs = _crashing(iter_pairs(shard), left) if crash_after else iter_pairs(shard)
+                pairs = iter_pairs(shard, source.categories)
+                pairs = _crashing(pairs, left) if crash_after else pairs
                 writer.write_shard(shard.name, pairs, state)
                 os.sync()  # the shard's files reach the disk before the ledger says they are there
                 state.shards_done.append(shard.name)
@@ -89,7 +91,7 @@ class ExportJob:
             os.sync()
             record = {**identity, "complete_run": source.complete, "shards": len(state.shards_done),
                       "pairs_in_run": source.pairs_total, **totals}
-            atomic_write_text(out / DONE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(out / DONE, json.dumps(record, indent=2, sort_keys=True) + "\n", site="export_final")
         return ExportSummary(out, identity["format"], len(state.shards_done), len(todo), totals)
 
 
@@ -145,12 +147,35 @@ def _writer(fmt: str, out: Path, source: RunSource, val_fraction: float) -> Writ
 def _check_folder(out: Path, identity: dict) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / LEDGER).is_file():
+    # A folder holding only what a killed export left before its first ledger is that export's.
+    holds_files = out.is_dir() and any(p.name != LOCK and not _is_leftover(p) for p in out.iterdir())
+    if holds_files and not (out / LEDGER).is_file():
         raise UsageError(f"{out} is not empty and holds no export; choose an empty or new folder")
     if (out / LEDGER).is_file():
         _open_ledger(out, identity)  # refuses another export's folder
     else:
         check_writable_dir(out.parent if not out.exists() else out)
+
+
+def _is_leftover(path: Path) -> bool:
+    """What a write killed half way leaves: a temporary file (atomic_output's `.{name}.{random}.tmp`,
+    the hf writer's `.{shard}.parquet.tmp`), or the hf writer's staging folder `.dataset.*`."""
+    return path.name.startswith(".") and (path.name.endswith(".tmp") or path.name.startswith(".dataset."))
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete what killed writes left in the export (called under its lock). A kill can come
+    between the lock file and the first ledger, or inside any write; the resumed export writes
+    every unfinished file again whole, so this only makes the folder what an uninterrupted
+    export leaves."""
+    import shutil
+
+    found = [p for p in out.rglob(".*") if _is_leftover(p)]
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -188,4 +213,5 @@ def _open_ledger(out: Path, identity: dict) -> ExportState:
 
 def _save_ledger(out: Path, identity: dict, state: ExportState) -> None:
     atomic_write_text(out / LEDGER, json.dumps({**identity, "shards_done": state.shards_done,
-                                                "counters": state.counters}, indent=1, sort_keys=True) + "\n")
+                                                "counters": state.counters}, indent=1, sort_keys=True) + "\n",
+                      site="export_ledger")

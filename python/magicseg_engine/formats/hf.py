@@ -29,6 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from magicseg_engine.atomic import fault_point, names_failed_writes
 from magicseg_engine.errors import UsageError
 from magicseg_engine.formats.source import Pair, RunSource
 
@@ -84,8 +85,15 @@ class HfWriter:
         data_dir.mkdir(exist_ok=True)
         table = datasets.Dataset.from_dict(rows, features=self.features)
         tmp = data_dir / f".{name}.parquet.tmp"
-        table.to_parquet(str(tmp))
-        tmp.replace(data_dir / f"{Path(name).stem}.parquet")
+        final = data_dir / f"{Path(name).stem}.parquet"
+        try:
+            with names_failed_writes(final, str(tmp)):
+                table.to_parquet(str(tmp))
+                fault_point("export_data", final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a resumed export writes the shard again whole
+            raise
+        tmp.replace(final)
         state.counters["rows"] = state.counters.get("rows", 0) + len(rows["key"])
 
     def finish(self, state) -> dict:
@@ -95,11 +103,30 @@ class HfWriter:
         with tempfile.TemporaryDirectory(prefix=".dataset.", dir=self.out) as tmp:
             # The Arrow cache lives in the export, not in the user's home, and goes with it.
             table = datasets.Dataset.from_parquet(files, features=self.features, cache_dir=str(Path(tmp) / "cache"))
+            # datasets derives the fingerprint from the temporary cache path, which differs on
+            # every run; one from the rows themselves makes the saved dataset the same bytes
+            # whenever the same run is exported, interrupted or not.
+            table = datasets.Dataset(table.data, info=table.info, split=table.split,
+                                     fingerprint=_content_fingerprint(files))
             staged = Path(tmp) / "saved"
-            table.save_to_disk(str(staged))
+            with names_failed_writes(final):
+                table.save_to_disk(str(staged))
+                fault_point("export_final", final)
             rows = len(table)
             del table
             if final.exists():
                 shutil.rmtree(final)
             staged.replace(final)
         return {"rows": rows, "parquet": f"{DATA_DIR}/*.parquet", "dataset": DATASET_DIR}
+
+
+def _content_fingerprint(files: list[str]) -> str:
+    """16 hex digits of the sha256 of the Parquet files, in order: what the saved dataset holds."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in files:
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from magicseg_engine.atomic import atomic_write_text
+from magicseg_engine.atomic import atomic_write_text, write_file
 from magicseg_engine.data.encoding import encode_png
 from magicseg_engine.errors import UsageError
 from magicseg_engine.formats.source import Pair, RunSource
@@ -57,12 +57,13 @@ class MmsegWriter:
             lut[0] = 0
             for i, c in enumerate(pair.classes):
                 lut[i + 1] = self.ids[c]
-            (images / f"{pair.key}.jpg").write_bytes(pair.positive)
-            (labels / f"{pair.key}.png").write_bytes(encode_png(lut[pair.labels()]))
+            write_file(images / f"{pair.key}.jpg", pair.positive, site="export_data")
+            write_file(labels / f"{pair.key}.png", encode_png(lut[pair.labels()]), site="export_data")
             counts[split] += 1
         state.counters.update(counts)
 
     def finish(self, state) -> dict:
-        atomic_write_text(self.out / CLASSES_FILE, "\n".join(["background", *self.source.categories]) + "\n")
+        atomic_write_text(self.out / CLASSES_FILE, "\n".join(["background", *self.source.categories]) + "\n",
+                          site="export_final")
         return {"train": state.counters.get("train", 0), "val": state.counters.get("val", 0),
                 "classes": CLASSES_FILE, "num_classes": len(self.source.categories) + 1}

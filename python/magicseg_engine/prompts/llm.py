@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
-from magicseg_engine.atomic import check_writable_dir
+from magicseg_engine.atomic import DISK_ERRNOS, append_text, check_writable_dir
 from magicseg_engine.config import LLMConfig
 from magicseg_engine.errors import UsageError
 from magicseg_engine.prompts.counterfactual import mentions, missing_classes, name_forms
@@ -40,6 +41,10 @@ _LIST_MARKER = re.compile(r"^\s*(?:[-*\u2022\u00b7\u2013]+\s*|\(?\d{1,3}[.)]\s*)
 _NAME_LIKE = re.compile(r"[^\W\d_]+(?:[ '\-][^\W\d_]+){0,3}")
 _OTHER_SEPARATORS = re.compile(r"\s+(?:and|&|\+)\s+|\s*[/;&+]\s*")
 _PREFIX_DECORATION = " \t*_`[]()\"'\u201c\u201d\u2018\u2019"
+# A caption is one sentence, and text encoders read 77 tokens (a few hundred characters). A
+# longer line is a model gone astray; matching class mentions in it costs seconds per megabyte,
+# so a runaway reply of megabytes on one line is skipped (and counted) before it is searched.
+MAX_LINE_CHARS = 2000
 
 
 @dataclass
@@ -50,7 +55,8 @@ class LLMStats:
     requests_cached: int = 0
     lines_received: int = 0
     lines_rejected: int = 0  # named their classes in the prefix but did not mention them all
-    lines_unassigned: int = 0  # prose, duplicates, or lines that fit no open combination
+    lines_unassigned: int = 0  # prose, markup, damaged text, duplicates, or lines that fit no open combination
+    lines_too_long: int = 0  # over MAX_LINE_CHARS: never a caption
     rounds: int = 0
 
 
@@ -172,7 +178,7 @@ def answer_round(
     fresh = [r for r in requests if r.key not in cache]
     if not fresh:
         return
-    failure: openai.APIError | None = None
+    failure: openai.APIError | MalformedAnswer | None = None
     with ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="llm") as pool:
         futures: dict[Future[str], ChatRequest] = {
             pool.submit(ask_endpoint, client, config, r.messages): r for r in fresh
@@ -183,7 +189,7 @@ def answer_round(
                     continue
                 try:
                     reply = future.result()
-                except openai.APIError as err:
+                except (openai.APIError, MalformedAnswer) as err:
                     failure = failure or err
                     for queued in futures:
                         queued.cancel()
@@ -200,14 +206,29 @@ def answer_round(
         raise UsageError(redact(describe_endpoint_failure(failure, config, cache.path), api_key)) from None
 
 
+class MalformedAnswer(Exception):
+    """The endpoint answered 200 with a body that is no chat completion: not JSON, not UTF-8, or
+    JSON of another shape. The SDK hands such bodies through without checking them."""
+
+
 def ask_endpoint(client: openai.OpenAI, config: LLMConfig, messages: Sequence[dict[str, str]]) -> str:
-    response = client.chat.completions.create(
-        model=config.model, messages=list(messages), temperature=config.temperature,
-    )
-    choices = getattr(response, "choices", None) or []
-    if not choices or choices[0].message is None:
+    try:
+        response = client.chat.completions.create(
+            model=config.model, messages=list(messages), temperature=config.temperature,
+        )
+        choices = getattr(response, "choices", None) or []
+        message = choices[0].message if choices else None
+        content = getattr(message, "content", None) if message is not None else None
+    except openai.APIError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as err:  # UnicodeDecodeError is a ValueError
+        raise MalformedAnswer(f"{type(err).__name__}: {str(err)[:120]}") from None
+    if content is None:
         return ""
-    return choices[0].message.content or ""
+    if not isinstance(content, str):
+        raise MalformedAnswer(f"the message content is {type(content).__name__}, not text")
+    # JSON may carry lone surrogates ("\ud800"), which no file can hold: the cache write would fail.
+    return content.encode("utf-8", "replace").decode("utf-8")
 
 
 def describe_endpoint_failure(err: openai.APIError, config: LLMConfig, cache_path: Path) -> str:
@@ -229,6 +250,8 @@ def describe_endpoint_failure(err: openai.APIError, config: LLMConfig, cache_pat
         else:
             hint = "check --llm-base-url and --llm-model"
         return f"LLM endpoint {url} refused the request (HTTP {status}, {kind}{detail}); {kept}; {hint}"
+    if isinstance(err, MalformedAnswer):
+        kind = str(err)
     return (f"LLM endpoint {url} sent an answer that is not a chat completion ({kind}); "
             f"{kept}; check that --llm-base-url points at an OpenAI-compatible /v1 endpoint")
 
@@ -271,11 +294,21 @@ def absorb_reply(
     canonical = class_form_lookup([combos[i] for i in request.positions])
     filled = 0
     for raw in reply.splitlines():
+        if len(raw) > 4 * MAX_LINE_CHARS:  # too long even before its whitespace is collapsed
+            stats.lines_received += 1
+            stats.lines_too_long += 1
+            continue
         line = clean_line(raw)
         if not line:
             continue
         stats.lines_received += 1
+        if len(line) > MAX_LINE_CHARS:
+            stats.lines_too_long += 1
+            log.debug("LLM line of %d characters is no caption", len(line))
+            continue
         position, text = assign_line(line, open_positions, combos, canonical)
+        if position is not None and not is_caption_text(text):
+            position = None
         if position is None:
             stats.lines_unassigned += 1
             log.debug("LLM line fits no open combination: %r", raw)
@@ -288,6 +321,15 @@ def absorb_reply(
         open_positions.remove(position)
         filled += 1
     return filled
+
+
+def is_caption_text(text: str) -> bool:
+    """False for text no caption looks like: JSON or markup that happens to name the classes
+    (a reply cut off inside a JSON list), or text with control characters or U+FFFD, which is
+    what bytes that were not UTF-8 become; such text would be drawn as it is."""
+    if not text or text[0] in "{[<" or text.startswith("```"):
+        return False
+    return not any(ch == "\ufffd" or unicodedata.category(ch) == "Cc" for ch in text)
 
 
 def assign_line(
@@ -394,10 +436,11 @@ class ReplyCache:
                           ensure_ascii=False)
         try:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-                f.flush()
+                append_text(f, line + "\n", site="llm_cache", path=self.path)
                 os.fsync(f.fileno())
         except OSError as err:
+            if err.errno in DISK_ERRNOS:  # a full or failing disk, not a wrong path: the CLI says so
+                raise
             raise UsageError(f"cannot write the LLM cache {self.path}: {err.strerror}; "
                              "choose a writable --llm-cache path") from None
         self.replies[key] = reply

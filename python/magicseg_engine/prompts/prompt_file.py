@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from magicseg_engine.errors import UsageError
 from magicseg_engine.prompts.counterfactual import missing_classes
+from magicseg_engine.prompts.records import MAX_SEED
+from magicseg_engine.vocab import decode_text_file
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ def _parse_json(line: str) -> PromptLine:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
         raise InvalidLine(f"invalid JSON ({err.msg})") from None
+    except ValueError:  # an integer of more digits than Python converts (4300)
+        raise InvalidLine("invalid JSON (a number too long to read)") from None
     if not isinstance(obj, dict):
         raise InvalidLine("a JSON line must be an object")
     classes = obj.get("classes")
@@ -55,12 +60,15 @@ def _parse_json(line: str) -> PromptLine:
     if negative is not None and not isinstance(negative, str):
         raise InvalidLine("'negative_prompt' must be a string")
     seed = obj.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-        raise InvalidLine("'seed' must be a non-negative integer")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED):
+        raise InvalidLine("'seed' must be a non-negative integer below 2**64")
     return PromptLine(0, tuple(" ".join(c.split()) for c in classes), prompt.strip(), negative, seed)
 
 
 def _check(entry: PromptLine, max_classes: int, allowed: set[str] | None) -> None:
+    for name in entry.classes:
+        if not any(ch.isalpha() for ch in name) or any(unicodedata.category(ch) == "Cc" for ch in name):
+            raise InvalidLine(f"class name {name[:40]!r} needs letters and no control characters")
     if len(entry.classes) > max_classes:
         raise InvalidLine(f"{len(entry.classes)} classes, at most {max_classes} allowed")
     if allowed is not None:
@@ -86,11 +94,9 @@ def read_prompt_file(
     UsageError naming it.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = decode_text_file(Path(path).read_bytes(), path, "prompt file")
     except FileNotFoundError:
         raise UsageError(f"prompt file {path} does not exist; pass an existing file to --prompt-file") from None
-    except UnicodeDecodeError as err:
-        raise UsageError(f"prompt file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except OSError as err:
         raise UsageError(f"cannot read prompt file {path}: {err.strerror}") from None
     entries: list[PromptLine] = []

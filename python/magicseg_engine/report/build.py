@@ -52,5 +52,5 @@ def build_report(data: Path | str, out: Path | str | None = None, samples: int =
         mask_area=charts.mask_area_per_class(digest, colours),
         quality=charts.counterfactual_quality(digest),
     )
-    atomic_write_text(out, render_page(digest, shown, unreadable, drawn, colours))
+    atomic_write_text(out, render_page(digest, shown, unreadable, drawn, colours), site="report")
     return ReportSummary(out, digest, len(shown), tuple(unreadable))

@@ -18,6 +18,7 @@ The shards' sha256 is not checked: that would read every image of the run.
 from __future__ import annotations
 
 import json
+import math
 import tarfile
 from collections import Counter
 from collections.abc import Callable
@@ -259,7 +260,7 @@ def _ref(shard: Path, key: str, members: dict[str, tuple[int, int]], meta: dict)
         classes=tuple(str(c) for c in meta["classes"]),
         prompt=str(meta.get("prompt", "")), negative_prompt=str(meta.get("negative_prompt", "")),
         counterfactual_passed=check["passed"] if isinstance(check.get("passed"), bool) else None,
-        counterfactual_quality=float(quality) if isinstance(quality, (int, float)) else None,
+        counterfactual_quality=_fraction(quality),
     )
 
 
@@ -274,11 +275,12 @@ def _count(digest: RunDigest, meta: dict) -> None:
     if isinstance(check.get("passed"), bool):
         digest.checked += 1
         digest.flagged += failed
-    quality = check.get("quality")
-    if isinstance(quality, (int, float)):
-        digest.quality_hist[_bin(float(quality), QUALITY_BINS)] += 1
-    if isinstance(check.get("threshold"), (int, float)):
-        digest.quality_threshold = 1.0 - float(check["threshold"])
+    quality = _fraction(check.get("quality"))
+    if quality is not None:
+        digest.quality_hist[_bin(quality, QUALITY_BINS)] += 1
+    threshold = _fraction(check.get("threshold"))
+    if threshold is not None:
+        digest.quality_threshold = 1.0 - threshold
     pixels = _image_pixels(meta)
     per_class = {}
     masks = meta.get("masks")
@@ -293,7 +295,7 @@ def _count(digest: RunDigest, meta: dict) -> None:
         if entry is None:
             continue  # a run without masks
         # generate records "area", synthetic runs "pixels"; both are pixel counts of the mask.
-        area = entry.get("area", entry.get("pixels", 0))
+        area = _fraction(entry.get("area", entry.get("pixels", 0)), upper=math.inf)
         if not entry.get("found", True) or not area or not pixels:
             stats.no_mask += 1
             continue
@@ -302,6 +304,18 @@ def _count(digest: RunDigest, meta: dict) -> None:
         stats.usable += not failed
         stats.area_sum += fraction
         stats.area_hist[_bin(fraction, AREA_BINS)] += 1
+
+
+def _fraction(value, upper: float = 1.0) -> float | None:
+    """A number of the sample JSON, clamped to [0, upper]; None for anything else (a string, NaN,
+    infinity, a list: a JSON edited by hand or damaged must not stop the report)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float's range
+        return None
+    return min(max(value, 0.0), upper) if math.isfinite(value) else None
 
 
 def _image_pixels(meta: dict) -> int:

@@ -236,14 +236,15 @@ def _sample_problem(meta_bytes: bytes | None, present: dict, vocabulary: frozens
     try:
         meta = json.loads(meta_bytes)
         classes = meta["classes"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
         return "bad_json"
     if (not isinstance(classes, list) or not 1 <= len(classes) < IGNORE_INDEX
             or not all(isinstance(c, str) for c in classes)):
         return "bad_json"
     if skip_flagged:
-        check = (meta.get("masks") or {}).get("counterfactual") or {}
-        if check.get("passed") is False:
+        masks = meta.get("masks")
+        check = masks.get("counterfactual") if isinstance(masks, dict) else None
+        if isinstance(check, dict) and check.get("passed") is False:
             return "flagged"
     if vocabulary is not None and not vocabulary.issuperset(classes):
         return "unknown_class"
@@ -502,7 +503,7 @@ class PairDataset(torch.utils.data.Dataset):
             classes = json.loads(self._read(i, 3))["classes"]
             if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
                 raise TypeError("'classes' is not a list of names")
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError) as err:
             raise _SampleError("bad_json", str(err)) from None
         image = _decode_rgb(self._read(i, 0), "pos.jpg")
         twin = _decode_rgb(self._read(i, 1), "neg.jpg")

@@ -1,6 +1,8 @@
 """The pretraining loop: configuration, optimiser and schedule, atomic checkpoints, exact resume, DDP.
 
-One optimiser step is `grad_accum` batches of `batch_size` images per rank. Every random draw
+One optimiser step is `grad_accum` batches of `batch_size` images per rank, each weighted by its
+share of the step's loss pixels and images, so that the step's gradient is that of one batch of
+`grad_accum * batch_size` images (with dropout off; ranks are then averaged). Every random draw
 of a step (decoder dropout, candidate classes) comes from generators seeded by (seed, step,
 micro-batch, rank), and the loader's crops from (seed, epoch, sample); so the only state a
 resume needs is the model, the optimiser, the schedule's step and the loader's position, all of
@@ -38,11 +40,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from magicseg_engine.atomic import atomic_output, atomic_write_text, check_writable_dir, fsync_dir
+from magicseg_engine.atomic import append_text, atomic_output, atomic_write_text, check_writable_dir, fsync_dir
 from magicseg_engine.config import library_versions
 from magicseg_engine.errors import UsageError
 from magicseg_engine.train.model import MagicSegModel, SegModelConfig, TextEmbeddingBank, load_clip_weights, param_groups
-from magicseg_engine.train.objective import LossWeights, pretraining_losses, remap_labels, sample_candidates
+from magicseg_engine.train.objective import (
+    LossWeights,
+    micro_batch_shares,
+    pretraining_losses,
+    remap_labels,
+    sample_candidates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +194,7 @@ def checkpoint_paths(out: Path) -> list[tuple[int, Path]]:
 def save_checkpoint(out: Path, step: int, state: dict, keep: int) -> Path:
     path = Path(out) / CHECKPOINTS_DIR / f"step-{step:08d}.pt"
     check_writable_dir(path.parent)
-    with atomic_output(path, "wb", encoding=None) as f:
+    with atomic_output(path, "wb", encoding=None, site="checkpoint") as f:
         torch.save(state, f)
     fsync_dir(path.parent)
     for _, old in checkpoint_paths(out)[:-keep]:
@@ -206,7 +214,40 @@ def load_checkpoint(path: Path) -> dict:
                          "wrote (delete this one to resume from the one before)") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path} is not a magicseg-engine pretraining checkpoint")
+    problem = _checkpoint_problem(state)
+    if problem:
+        raise UsageError(f"checkpoint {path} is damaged ({problem}); use a checkpoint pretrain wrote (delete this one "
+                         "to resume from the one before)")
     return state
+
+
+def _checkpoint_problem(state: dict) -> str | None:
+    """What a checkpoint of the right format lacks that resuming or evaluating reads, or None."""
+    config = state.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        return "no model configuration"
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return "no step number"
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        return "no model weights"
+    for name in ("optimizer", "schedule", "loader"):
+        if name in state and not isinstance(state[name], dict):
+            return f"its {name} state is not a dict"
+    return None
+
+
+def load_weights(model: torch.nn.Module, weights: dict, path: Path) -> None:
+    """`model.load_state_dict(weights)`, a mismatch (another model, other shapes) as one line."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        # torch lists every missing, unexpected and mis-shaped tensor; the first one says enough.
+        detail = " ".join(str(err).split())
+        raise UsageError(f"checkpoint {path} holds weights of another model than its configuration describes "
+                         f"({detail[:300]}); use a checkpoint pretrain wrote") from None
 
 
 def check_same_config(saved: dict, config: PretrainConfig, where: Path) -> None:
@@ -223,13 +264,53 @@ def check_same_config(saved: dict, config: PretrainConfig, where: Path) -> None:
                          "resume with the same flags, or pretrain into a new --out")
 
 
+def _started_config(out: Path) -> dict:
+    path = out / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))["config"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{path} is damaged; pretrain into a new --out") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise UsageError(f"{path} is damaged; pretrain into a new --out")
+    return saved
+
+
+# The temporary files atomic_output leaves when the process is killed while it writes one of
+# the run's files: `.{final name}.{random}.tmp` beside it.
+_TEMPORARY = re.compile(r"^\.(pretrain\.json|metrics\.jsonl|step-\d{8}\.pt|text-[0-9a-f]+\.safetensors)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _remove_temporary_files(out: Path) -> list[Path]:
+    """Delete what writes killed half way left in the run folder (its own files' temporary
+    copies only); a resumed run writes those files again whole. Returns what was deleted."""
+    removed = []
+    for folder in (out, out / CHECKPOINTS_DIR, out / "text-cache"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if _TEMPORARY.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    if removed:
+        for folder in {p.parent for p in removed}:
+            fsync_dir(folder)
+    return removed
+
+
 def _cut_metrics(path: Path, step: int) -> None:
     """Drop metrics lines of steps after `step`: they are computed again after a resume."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-             if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if _metrics_step(line) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in lines), site="metrics")
+
+
+def _metrics_step(line: str) -> float:
+    """A metrics line's step; infinite for a blank or torn line (a full disk can tear the last one)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, TypeError, KeyError):
+        return math.inf
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -297,15 +378,24 @@ def pretrain(config: PretrainConfig, data: Path, out: Path, *, device: str = "cp
     dist, dev = init_distributed(device)
     start = 0
     saved = None
+    restart = False  # --resume of a run that stopped before its first checkpoint
     if resume:
         found = checkpoint_paths(out)
-        if not found:
+        if found:
+            saved = load_checkpoint(found[-1][1])
+            check_same_config(saved["config"], config, out)
+            start = int(saved["step"])
+        elif (out / CONFIG_FILE).is_file():
+            # Stopped (killed, or a full disk) before its first checkpoint: nothing to keep but
+            # its settings, so it starts again from step 0 if they are the same.
+            check_same_config(_started_config(out), config, out)
+            restart = True
+        else:
             raise UsageError(f"--resume: {out} holds no checkpoint; start without --resume")
-        saved = load_checkpoint(found[-1][1])
-        check_same_config(saved["config"], config, out)
-        start = int(saved["step"])
     elif checkpoint_paths(out) or (out / CONFIG_FILE).exists():
         raise UsageError(f"{out} already holds a pretraining run; pass --resume to continue it or choose another --out")
+    if dist.main:
+        _remove_temporary_files(out)
 
     vocabulary = config.vocabulary
     try:
@@ -332,7 +422,8 @@ def pretrain(config: PretrainConfig, data: Path, out: Path, *, device: str = "cp
         check_writable_dir(out)
         atomic_write_text(out / CONFIG_FILE, json.dumps(
             {"config": config.model_dump(mode="json"), "data": str(data), "vocabulary": vocabulary,
-             "world_size": dist.world_size, "versions": library_versions()}, indent=2, sort_keys=True) + "\n")
+             "world_size": dist.world_size, "versions": library_versions()}, indent=2, sort_keys=True) + "\n",
+            site="pretrain_config")
     bank = TextEmbeddingBank(model, cache_dir=out / "text-cache")
     text = bank.lookup(vocabulary).to(dev)  # [V, E], frozen
 
@@ -341,12 +432,19 @@ def pretrain(config: PretrainConfig, data: Path, out: Path, *, device: str = "cp
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        loader.load_state_dict(saved["loader"])
+        where = checkpoint_paths(out)[-1][1]
+        load_weights(model, saved["model"], where)
+        try:
+            optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved["schedule"])
+            loader.load_state_dict(saved["loader"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise UsageError(f"checkpoint {where} cannot be resumed ({type(err).__name__}: {str(err)[:200]}); "
+                             "resume from an earlier checkpoint (delete this one) or pretrain into a new --out") from None
         if dist.main:
             _cut_metrics(out / METRICS_FILE, start)
+    elif restart and dist.main:
+        _cut_metrics(out / METRICS_FILE, 0)
     net = model
     if dist.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -366,9 +464,12 @@ def pretrain(config: PretrainConfig, data: Path, out: Path, *, device: str = "cp
         while step < config.steps:
             t_step = time.perf_counter()
             totals: dict[str, float] = {}
-            for micro in range(config.grad_accum):
-                batch = next(stream)
-                # After the batch: starting an epoch's DataLoader iterator draws from torch's generator.
+            # The step's micro-batches first: each one's share of the step's pixels and images
+            # weighs its losses, so that accumulation equals one batch of them all.
+            micro_batches = [next(stream) for _ in range(config.grad_accum)]
+            shares = micro_batch_shares([b["mask"] for b in micro_batches], config.loss_stride)
+            for micro, (batch, (pixel_share, image_share)) in enumerate(zip(micro_batches, shares)):
+                # After the batches: starting an epoch's DataLoader iterator draws from torch's generator.
                 rng = _seed_step(config.seed, step, micro, dist.rank)
                 candidates = sample_candidates(batch["classes"], vocab_index, config.candidates, rng)
                 labels = remap_labels(batch["mask"], batch["classes"], candidates, vocab_index).to(dev)
@@ -378,11 +479,13 @@ def pretrain(config: PretrainConfig, data: Path, out: Path, *, device: str = "cp
                         outputs = net(batch["image"].to(dev, non_blocking=True), text[candidates.to(dev)],
                                       twins=batch["twin"].to(dev, non_blocking=True))
                     losses = pretraining_losses(outputs, labels, config.weights, stride=config.loss_stride,
-                                                use_triton=config.fused_losses)
-                    (losses["loss"] / config.grad_accum).backward()
+                                                use_triton=config.fused_losses, pixel_share=pixel_share,
+                                                image_share=image_share)
+                    losses["loss"].backward()
                 images += len(batch["key"])
                 for k, v in losses.items():
-                    totals[k] = totals.get(k, 0.0) + float(v.detach()) / config.grad_accum
+                    share = 1.0 if k == "loss" else pixel_share if k == "focal" else image_share
+                    totals[k] = totals.get(k, 0.0) + float(v.detach()) * share
             grad_norm = None
             if config.clip_grad_norm:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.clip_grad_norm))
@@ -396,8 +499,7 @@ def pretrain(config: PretrainConfig, data: Path, out: Path, *, device: str = "cp
                     "images_per_s": round(config.grad_accum * config.batch_size * dist.world_size
                                           / (time.perf_counter() - t_step), 2)}
             if metrics is not None:
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
+                append_text(metrics, json.dumps(last) + "\n", site="metrics", path=out / METRICS_FILE)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 if dist.main:
                     state = {"format": CHECKPOINT_FORMAT, "step": step, "config": config.model_dump(mode="json"),

@@ -474,7 +474,7 @@ class TextEmbeddingBank:
             from safetensors.torch import save
 
             data = save({"embeddings": table.cpu().contiguous()}, metadata={"names": json.dumps(names)})
-            with atomic_output(path, "wb") as f:
+            with atomic_output(path, "wb", site="text_cache") as f:
                 f.write(data)
         return dict(zip(names, table))
 

@@ -90,12 +90,32 @@ def upsample_pixels(pixels: torch.Tensor, grid: tuple[int, int], size: tuple[int
     return x.flatten(2).transpose(1, 2)
 
 
+def micro_batch_shares(masks: Sequence[torch.Tensor], stride: int) -> list[tuple[float, float]]:
+    """(pixel share, image share) of each micro-batch of one optimiser step, from its masks [B, S, S].
+
+    The focal term is a mean over the loss grid's non-ignored pixels and the dice and hinge
+    terms are means over images. Weighting each micro-batch's means by its share of those
+    pixels and images (instead of 1 / micro-batches) makes an accumulated step the gradient of
+    one batch holding all of them: crops padded with ignore pixels make micro-batches' pixel
+    counts unequal, and an epoch's last batch may hold fewer images. One micro-batch: (1, 1).
+    """
+    pixels = [int((loss_grid_labels(m, stride) != IGNORE_INDEX).sum()) for m in masks]
+    images = [int(m.shape[0]) for m in masks]
+    n = len(masks)
+    total_pixels, total_images = sum(pixels), sum(images)
+    return [(p / total_pixels if total_pixels else 1.0 / n, i / total_images if total_images else 1.0 / n)
+            for p, i in zip(pixels, images)]
+
+
 def pretraining_losses(outputs: dict, labels: torch.Tensor, weights: LossWeights, *, stride: int = 4,
-                       use_triton: bool | None = None) -> dict[str, torch.Tensor]:
+                       use_triton: bool | None = None, pixel_share: float = 1.0,
+                       image_share: float = 1.0) -> dict[str, torch.Tensor]:
     """Weighted mask losses summed over decoder layers, plus the counterfactual hinge.
 
     `outputs` is MagicSegModel's forward (with twins for the hinge); `labels` [B, S, S] from
-    remap_labels. Returns "loss" (what to minimise) and its float32 parts.
+    remap_labels. Returns "loss" (what to minimise) and its float32 parts, the parts as this
+    batch's own means. In "loss" the focal term is multiplied by `pixel_share` and the dice and
+    hinge terms by `image_share`: a micro-batch's shares of its step (`micro_batch_shares`).
     """
     target = loss_grid_labels(labels, stride)
     size = (len(range(stride // 2, labels.shape[1], stride)), len(range(stride // 2, labels.shape[2], stride)))
@@ -112,10 +132,10 @@ def pretraining_losses(outputs: dict, labels: torch.Tensor, weights: LossWeights
         focal = focal + f
         dice = dice + d
     parts = {"focal": focal, "dice": dice}
-    loss = weights.focal * focal + weights.dice * dice
+    loss = weights.focal * pixel_share * focal + weights.dice * image_share * dice
     if outputs.get("twin_global_embedding") is not None:
         hinge = counterfactual_loss(outputs["global_embedding"], outputs["twin_global_embedding"],
                                     margin=weights.margin, use_triton=use_triton)
         parts["counterfactual"] = hinge
-        loss = loss + weights.counterfactual * hinge
+        loss = loss + weights.counterfactual * image_share * hinge
     return {"loss": loss, **{k: v.detach().float() for k, v in parts.items()}}

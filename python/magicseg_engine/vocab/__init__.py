@@ -8,9 +8,11 @@ each other; a class of weight 0 stays in the list (its label keeps its place) bu
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -63,11 +65,8 @@ def parse_class_lines(text: str, origin: str) -> Vocabulary:
     """Parse one-class-per-line text: `#` starts a comment, blank lines are skipped,
     whitespace is normalised, and repeated names (case-insensitive) are dropped with a warning.
     A line `name,weight` weights its class (see the module docstring)."""
-    classes: list[str] = []
-    weights: list[float] = []
+    entries = []
     weighted = False
-    seen: set[str] = set()
-    duplicates: list[str] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0]
         weight = 1.0
@@ -75,15 +74,62 @@ def parse_class_lines(text: str, origin: str) -> Vocabulary:
             line, weight_text = line.rsplit(",", 1)
             weight = _weight(weight_text.strip(), f"{origin}:{lineno}")
             weighted = True
-        name = " ".join(line.split())
+        entries.append((f"{origin}:{lineno}", line, weight))
+    return _collect(entries, origin, weighted)
+
+
+def parse_class_weights(text: str, origin: str) -> Vocabulary:
+    """A JSON object of class name -> weight, in the object's order."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{origin} is not valid JSON (line {err.lineno}: {err.msg}); write an object "
+                         '{"class name": weight, ...}') from None
+    except ValueError as err:  # an integer too long to convert (Python refuses over 4300 digits)
+        raise UsageError(f"{origin} holds a number json cannot read ({str(err).split(';')[0]}); write weights "
+                         "such as 1 or 2.5") from None
+    if not isinstance(data, dict) or not data:
+        raise UsageError(f'{origin} must hold a JSON object {{"class name": weight, ...}} with at least one class')
+    entries = []
+    for name, weight in data.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise UsageError(f"{origin}: weight of {name!r} is {json.dumps(weight)[:40]}, not a non-negative number")
+        # Through float as a line's weight would be: 1e999 and huge integers are infinite there.
+        try:
+            value = float(weight)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value) or value < 0:
+            raise UsageError(f"{origin}: weight of {name!r} is not a non-negative number; give weights such as 1 or 2.5")
+        # Names are taken as they are, not re-parsed as lines: a "#" or a line break in a key
+        # must not cut the name or make two classes of it.
+        entries.append((f"{origin}: class {name[:60]!r}", name, value))
+    return _collect(entries, origin, weighted=True)
+
+
+def _collect(entries, origin: str, weighted: bool) -> Vocabulary:
+    """The vocabulary of (where, raw name, weight) entries: names normalised and checked,
+    blank ones skipped, repeats (case-insensitive) dropped with a warning."""
+    classes: list[str] = []
+    weights: list[float] = []
+    seen: set[str] = set()
+    duplicates: list[str] = []
+    for where, raw, weight in entries:
+        name = " ".join(raw.split())
         if not name:
             continue
         bad = [ch for ch in _FORBIDDEN if ch in name]
         if bad:
-            raise UsageError(f"{origin}:{lineno}: class name {name!r} contains {bad[0]!r}; "
+            raise UsageError(f"{where}: class name {name!r} contains {bad[0]!r}; "
                              "write one class per line without commas or colons")
+        control = next((ch for ch in name if unicodedata.category(ch) == "Cc"), None)
+        if control is not None:
+            # NUL between letters is what a UTF-16 file without its byte-order mark looks like.
+            hint = " (NUL between letters: it was saved as UTF-16)" if control == "\0" else ""
+            raise UsageError(f"{where}: class name {name[:40]!r} contains the control character "
+                             f"U+{ord(control):04X}; save the file as UTF-8 text{hint}")
         if not any(ch.isalpha() for ch in name):
-            raise UsageError(f"{origin}:{lineno}: class name {name!r} has no letters; write one class name per line")
+            raise UsageError(f"{where}: class name {name!r} has no letters; write one class name per line")
         key = name.lower()
         if key in seen:
             duplicates.append(name)
@@ -100,21 +146,23 @@ def parse_class_lines(text: str, origin: str) -> Vocabulary:
                                weights=tuple(weights) if weighted else None))
 
 
-def parse_class_weights(text: str, origin: str) -> Vocabulary:
-    """A JSON object of class name -> weight, in the object's order."""
+def decode_text_file(data: bytes, path: Path, what: str) -> str:
+    """The text of a file a user wrote: UTF-8, with or without the byte-order mark some editors
+    put in front. UTF-16 and UTF-32 (what Windows editors save as "Unicode") are recognised by
+    their mark and refused with a word on how to save the file, as is anything else that is
+    not UTF-8: a guess (latin-1 reads any bytes) would turn names into mojibake silently."""
+    for bom, codec in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                       (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+        if data.startswith(bom):
+            raise UsageError(f"{what} {path} is {codec} text, not UTF-8 (it starts with a {codec} byte-order mark); "
+                             "save it as UTF-8")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{origin} is not valid JSON (line {err.lineno}: {err.msg}); write an object "
-                         '{"class name": weight, ...}') from None
-    if not isinstance(data, dict) or not data:
-        raise UsageError(f'{origin} must hold a JSON object {{"class name": weight, ...}} with at least one class')
-    lines = []
-    for name, weight in data.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise UsageError(f"{origin}: weight of {name!r} is {json.dumps(weight)}, not a non-negative number")
-        lines.append(f"{name},{weight!r}")
-    return parse_class_lines("\n".join(lines), origin)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        # utf-8-sig counts positions after a mark it removed; the user's editor counts from the start.
+        offset = err.start + (3 if data.startswith(codecs.BOM_UTF8) else 0)
+        line = data[:offset].count(b"\n") + 1
+        raise UsageError(f"{what} {path} is not UTF-8 text (line {line}, byte {offset}); save it as UTF-8") from None
 
 
 def _checked(vocab: Vocabulary) -> Vocabulary:
@@ -132,9 +180,7 @@ def load_vocabulary(spec: str) -> Vocabulary:
     if not path.exists():
         raise UsageError(f"unknown vocabulary {spec!r}: use one of {', '.join(BUILTIN)} or a path to a class file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UsageError(f"class file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+        text = decode_text_file(path.read_bytes(), path, "class file")
     except OSError as err:
         raise UsageError(f"cannot read class file {path}: {err.strerror}") from None
     if path.suffix.lower() == ".json":
