@@ -14,8 +14,10 @@ from magicseg_engine.pipeline import build_sampler
 
 
 @pytest.fixture(scope="module")
-def sampler():
-    return build_sampler(load_preset("tiny"), "cpu")
+def sampler(tiny_sampler):
+    # The shared tiny sampler (conftest.py): these tests sample with it, wrap its models in
+    # other samplers, and hook its UNet only inside try/finally.
+    return tiny_sampler
 
 
 def test_torch_runners_are_the_modules_themselves(sampler):

@@ -13,8 +13,10 @@ from magicseg_engine.pipeline import build_sampler
 
 
 @pytest.fixture(scope="module")
-def sampler():
-    return build_sampler(load_preset("tiny"), "cpu")
+def sampler(tiny_sampler):
+    # The shared tiny sampler (conftest.py): the benchmarks only sample with it, count its FLOPs
+    # and time its calls; a mask stage's capture is installed only for the length of each batch.
+    return tiny_sampler
 
 
 @pytest.mark.slow
@@ -206,20 +208,23 @@ def test_bench_all_runs_every_benchmark_and_summarises_ratios(tmp_path):
     assert (tmp_path / "all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_reference_pipeline_writes_each_pair_with_one_merged_mask(sampler, tmp_path):
+def test_reference_pipeline_writes_each_pair_with_one_merged_mask(sampler, tiny_sam, tmp_path):
     import tarfile
 
     from PIL import Image
 
     from magicseg_engine.bench.pipeline import reference_pipeline
     from magicseg_engine.masks.detector import build_detector
-    from magicseg_engine.masks.sam import SamRefiner, build_sam
+    from magicseg_engine.masks.sam import SamRefiner
     from magicseg_engine.prompts import build_prompts
     from magicseg_engine.vocab import load_vocabulary
 
     config = load_preset("tiny")
     records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=2).records
-    refiner = SamRefiner(build_sam(config.sam.model_type, None, device="cpu", seed=0))
+    # The preset's SAM without a checkpoint, on the CPU, from seed 0: the shared tiny SAM
+    # (conftest.py).
+    assert (config.sam.model_type, config.sam.checkpoint) == ("tiny", None)
+    refiner = SamRefiner(tiny_sam)
     reference_pipeline(sampler, build_detector("tiny"), refiner, records, tmp_path / "ref.tar")
     with tarfile.open(tmp_path / "ref.tar") as tar:
         names = tar.getnames()

@@ -4,6 +4,7 @@ One small tiny-preset run (2 pairs, 2 steps) is generated once and shared: the o
 differ from it by the options under test, so each difference is that option's doing.
 """
 
+import ast
 import io
 import json
 import shutil
@@ -50,12 +51,14 @@ def run_json(run: Path) -> dict:
     return json.loads((run / "run.json").read_text())
 
 
-# --- the inventory: a new option needs a test ------------------------------------------------------
+# --- the inventory: every option of every command needs a test that runs that command with it ------
 
-# Options no test here can run, each with the reason. Every option of this command line runs on
-# a CPU-only machine today (TensorRT, GPU kernels and clusters are option values, not options), so
-# the list is empty; an entry must name an option that exists, or the test below fails.
-UNTESTABLE_HERE: dict[str, str] = {}
+# (command, option) pairs no test here can run, each with the reason; an entry must name a pair
+# that exists, or the test below fails. TensorRT, GPU kernels and clusters are option values, not
+# options, so only pairs whose only cheap preset cannot reach them are listed.
+UNTESTABLE_HERE: dict[tuple[str, str], str] = {
+    # (command, option): why no test here can run it. Empty: every pair runs on a CPU.
+}
 
 
 def _options(command, path=()):
@@ -69,19 +72,67 @@ def _options(command, path=()):
             yield path, [*param.opts, *param.secondary_opts]
 
 
+def _scopes(source: str):
+    """The string constants each function of a test module can pass to the command line, in order.
+
+    The unit is one module-level function (a test, a fixture or a helper; methods of test classes
+    count alone), with the module-level constants and functions it names, followed transitively:
+    tests pass flags through lists such as SOURCE_FLAGS and helpers that build argument lists.
+    A whole module would be too coarse (test_bench.py runs a dozen commands, and an option of one
+    would vouch for all); a single call too fine (flags reach `invoke` through local lists).
+    """
+    tree = ast.parse(source)
+    top: dict[str, ast.AST] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            top[stmt.name] = stmt
+        elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+            for target in stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]:
+                top.update({n.id: stmt for n in ast.walk(target) if isinstance(n, ast.Name)})
+    functions = [s for s in tree.body if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for cls in (s for s in tree.body if isinstance(s, ast.ClassDef)):
+        functions += [s for s in cls.body if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for function in functions:
+        if function.name == test_every_option_is_named_by_some_test.__name__:
+            continue  # the allow-list must not vouch for itself
+        seen, todo, strings = {function.name}, [function], []
+        while todo:
+            node = todo.pop(0)
+            # Source order, so that "bench", "fast" in one argument list read as one command path;
+            # the decorators count (parametrize lists flags).
+            constants = sorted((n for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)),
+                               key=lambda n: (n.lineno, n.col_offset))
+            strings += [n.value for n in constants]
+            for name in (n.id for n in ast.walk(node) if isinstance(n, ast.Name)):
+                if name in top and name not in seen:
+                    seen.add(name)
+                    todo.append(top[name])
+        yield strings
+
+
+def _runs(strings: list[str], path: tuple[str, ...], groups: set[str]) -> bool:
+    """Whether `path`'s words stand together in `strings`: "bench", "generate" for bench generate;
+    "generate" not after a group's name for the top-level generate."""
+    k = len(path)
+    return any(tuple(strings[i:i + k]) == path and not (k == 1 and i and strings[i - 1] in groups)
+               for i in range(len(strings) - k + 1))
+
+
 def test_every_option_is_named_by_some_test():
-    """A new option without any test that names it fails here; so does a stale allow-list entry."""
-    # This file counts too, less this section: an allow-listed option must not name itself.
-    here = Path(__file__).read_text(encoding="utf-8")
-    here = here.split("# --- the inventory", 1)[0] + here.rsplit("# --- shared runs", 1)[1]
-    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(TESTS.glob("*.py")) if p.name != Path(__file__).name)
-    text += here
-    every = {o for _, opts in _options(typer.main.get_command(app)) for o in opts}
-    assert len(every) > 100  # the walk saw the whole tree, bench's subcommands included
-    missing = sorted({f"{' '.join(path)} {o}" for path, opts in _options(typer.main.get_command(app)) for o in opts
-                      if o not in UNTESTABLE_HERE and f'"{o}"' not in text and f"'{o}'" not in text})
-    assert not missing, f"options no test names: {missing}"
-    assert not set(UNTESTABLE_HERE) - every, "allow-listed options that no command has"
+    """Each (command, option) pair needs a test function that names the command's words and the
+    option: an option tested on one command no longer vouches for another command's option of the
+    same name. A stale allow-list entry fails too."""
+    root = typer.main.get_command(app)
+    groups = {name for name, command in root.commands.items() if hasattr(command, "commands")}
+    pairs = {(" ".join(path), o): path for path, opts in _options(root) for o in opts}
+    assert len(pairs) > 300  # the walk saw the whole tree, bench's subcommands included
+    scopes = [s for p in sorted(TESTS.glob("*.py")) for s in _scopes(p.read_text(encoding="utf-8"))]
+    missing = sorted(f"{command} {option}" for (command, option), path in pairs.items()
+                     if (command, option) not in UNTESTABLE_HERE
+                     and not any(_runs(s, path, groups) and any(v == option or v.startswith(option + "=") for v in s)
+                                 for s in scopes))
+    assert not missing, f"(command, option) pairs no test runs: {missing}"
+    assert not set(UNTESTABLE_HERE) - set(pairs), "allow-listed pairs that no command has"
 
 
 # --- shared runs -------------------------------------------------------------------------------------
@@ -392,6 +443,20 @@ def test_pretrain_lr_warmup_clip_weights_and_dali_loader(pretrained, pretrain_da
     assert patch.abs().max() < 0.1 * baseline["model"]["clip.visual.conv1.weight"].abs().max()
     assert "dali" in checkpoint["loader"] and "dali" not in baseline["loader"]
     assert checkpoint["config"]["loader"] == "dali" and checkpoint["config"]["clip_weights"] == str(clip)
+
+
+@pytest.mark.slow
+def test_pretrain_seed_draws_the_weights_and_batches_and_preset(pretrained, pretrain_data, tmp_path):
+    ok("pretrain", "--data", pretrain_data, "--out", tmp_path / "seed0", *PRETRAIN, "--seed", 0, "--preset", "tiny")
+    ok("pretrain", "--data", pretrain_data, "--out", tmp_path / "seed1", *PRETRAIN, "--seed", 1)
+    # The baseline ran the tiny preset with the default seed 0: the same run again, step for step.
+    assert [m["loss"] for m in metrics(tmp_path / "seed0")] == [m["loss"] for m in metrics(pretrained)]
+    assert metrics(tmp_path / "seed1")[0]["loss"] != metrics(pretrained)[0]["loss"]
+    first = {n: torch.load(sorted((tmp_path / n).glob("checkpoints/step-*.pt"))[-1], map_location="cpu",
+                           weights_only=False)["model"] for n in ("seed0", "seed1")}
+    assert any(not torch.equal(v, first["seed1"][k]) for k, v in first["seed0"].items())
+    result = invoke("pretrain", "--data", pretrain_data, "--out", tmp_path / "none", *PRETRAIN, "--preset", "no-such-preset")
+    assert result.exit_code == 2 and "unknown preset 'no-such-preset'" in result.stderr
 
 
 def _voc(root: Path, split: str, count: int, seed: int) -> None:

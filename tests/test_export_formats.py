@@ -232,14 +232,14 @@ def test_bad_exports_exit_2_with_one_line_and_write_nothing(run, tmp_path, setup
     assert after == before
 
 
-def test_runs_without_masks_or_shards_are_refused(tmp_path):
-    run = tmp_path / "none"
-    result = invoke("generate", "--classes", "voc", "--num-pairs", 1, "--mask-source", "none", "--out", run,
-                    "--device", "cpu")
-    assert result.exit_code == 0, result.output
+def test_runs_without_masks_or_shards_are_refused(tmp_path, tiny_run):
+    # Only read (the exports are refused before they write): the shared run of these flags
+    # (conftest.py).
+    run = tiny_run("--classes", "voc", "--num-pairs", 1, "--mask-source", "none")
     result = invoke("export", "--data", run, "--format", "hf", "--out", tmp_path / "a")
     assert result.exit_code == 2 and "--mask-source none" in result.stderr and "magicseg-engine masks" in result.stderr
-    result = invoke("export", "--data", tmp_path, "--format", "hf", "--out", tmp_path / "b")
+    # The folder above the run (it holds the run, in run/) is not a run.
+    result = invoke("export", "--data", run.parent, "--format", "hf", "--out", tmp_path / "b")
     assert result.exit_code == 2 and "holds no run" in result.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

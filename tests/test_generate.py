@@ -43,8 +43,10 @@ TINY = load_preset("tiny")
 
 
 @pytest.fixture(scope="module")
-def sampler():
-    return build_sampler(TINY, "cpu")
+def sampler(tiny_sampler):
+    # The shared tiny sampler (conftest.py), of the tiny preset as TINY: these tests sample with
+    # it, wrap its models in other samplers, and hook its UNet only inside try/finally.
+    return tiny_sampler
 
 
 def records(num, seed=0):

@@ -262,14 +262,16 @@ class Boom(RuntimeError):
 
 
 @pytest.fixture(scope="module")
-def tiny_stage():
+def tiny_stage(tiny_sampler):
     from magicseg_engine.config import load_preset
-    from magicseg_engine.pipeline import build_mask_stage, build_sampler
+    from magicseg_engine.pipeline import build_mask_stage
     from magicseg_engine.prompts import build_prompts
     from magicseg_engine.vocab import load_vocabulary
 
     config = load_preset("tiny")
-    sampler = build_sampler(config, "cpu")
+    # The shared tiny sampler (conftest.py): the stage's capture is on its UNet only while a
+    # batch samples, and the tests below monkeypatch the stage's annotator, never the sampler.
+    sampler = tiny_sampler
     records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=3).records
     return config, sampler, build_mask_stage(config, sampler), records
 

@@ -21,8 +21,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return build_sam("tiny", seed=0)
+def tiny(tiny_sam):
+    # The shared tiny SAM (conftest.py): these tests only run it and save its weights; the first
+    # one checks it is still exactly build_sam("tiny", seed=0), frozen and in eval mode.
+    return tiny_sam
 
 
 def _states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:

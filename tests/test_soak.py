@@ -104,10 +104,10 @@ def test_generate_on_ray_survives_worker_and_driver_kills(tmp_path):
     assert result["worker_kills"] >= 1 and result["kills"] - result["worker_kills"] >= 1
 
 
-def test_a_damaged_run_is_reported(tmp_path):
+def test_a_damaged_run_is_reported(tmp_path, tiny_sampler):
     """The checker itself: a duplicated sample, a missing shard and a leftover file are all caught."""
     from magicseg_engine.config import load_preset
-    from magicseg_engine.pipeline import ExecutionOptions, build_sampler, generate_pairs, start_run
+    from magicseg_engine.pipeline import ExecutionOptions, generate_pairs, start_run
     from magicseg_engine.prompts import build_prompts
     from magicseg_engine.vocab import load_vocabulary
 
@@ -116,7 +116,11 @@ def test_a_damaged_run_is_reported(tmp_path):
     records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=3).records
     run = tmp_path / "run"
     start_run(run, config, records, load_vocabulary("voc").classes)
-    generate_pairs(run, config, records, build_sampler(config, "cpu"), ExecutionOptions(batch_size=3, samples_per_shard=2))
+    # The run's seeds draw its prompts, not its weights: its sampler is the shared tiny one
+    # (conftest.py).
+    tiny = load_preset("tiny")
+    assert (config.diffusion, config.weights_seed, config.masks) == (tiny.diffusion, tiny.weights_seed, tiny.masks)
+    generate_pairs(run, config, records, tiny_sampler, ExecutionOptions(batch_size=3, samples_per_shard=2))
     assert soak.check_run(run, 3, 3)["problems"] == []
     manifest = (run / "manifest.jsonl").read_text().splitlines()
     first = json.loads(manifest[0])

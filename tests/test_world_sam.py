@@ -57,7 +57,7 @@ def test_prompts_come_from_the_footprint_as_the_mask_stage_makes_them():
 
 
 @pytest.mark.slow
-def test_training_resumes_to_the_same_weights_and_writes_a_sam_checkpoint(tmp_path):
+def test_training_resumes_to_the_same_weights_and_writes_a_sam_checkpoint(tmp_path, tiny_sam):
     whole = tmp_path / "whole"
     info = train_world_sam(whole, SamTrainConfig(**SHORT), World())
     assert info["train"]["steps"] == 4
@@ -80,7 +80,7 @@ def test_training_resumes_to_the_same_weights_and_writes_a_sam_checkpoint(tmp_pa
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
     assert not torch.equal(a.mask_decoder.iou_prediction_head.layers[0].weight,
-                           build_sam("tiny").mask_decoder.iou_prediction_head.layers[0].weight)
+                           tiny_sam.mask_decoder.iou_prediction_head.layers[0].weight)  # build_sam("tiny")
 
 
 def test_train_world_sam_command_refuses_bad_settings_before_writing(tmp_path):
@@ -102,7 +102,7 @@ def _mean_iou(sam, images, labels, counts, prompts) -> float:
     return float(np.mean(ious))
 
 
-def test_the_shipped_sam_outlines_world_objects_that_random_sam_does_not():
+def test_the_shipped_sam_outlines_world_objects_that_random_sam_does_not(tiny_sam):
     """Prompted from noisy latent-resolution footprints, as the mask stage prompts it, on scenes
     it never saw (another seed than training's), the shipped SAM recovers the objects."""
     assert load_preset("shapes").sam.checkpoint == str(shipped_sam_path())
@@ -111,7 +111,7 @@ def test_the_shipped_sam_outlines_world_objects_that_random_sam_does_not():
     prompts, _ = truth_prompts(labels, counts, SamTrainConfig(), torch.Generator().manual_seed(12345),
                                config.positive_points, config.negative_points)
     trained = _mean_iou(build_sam("tiny", shipped_sam_path()), images, labels, counts, prompts)
-    random = _mean_iou(build_sam("tiny", seed=0), images, labels, counts, prompts)
+    random = _mean_iou(tiny_sam, images, labels, counts, prompts)  # build_sam("tiny", seed=0)
     assert trained >= 0.9, (trained, random)  # 0.98 measured
     assert random <= 0.3, (trained, random)  # 0.12 measured
 

@@ -1234,17 +1234,17 @@ def bench_generate_command(
     weights_seed: BenchWeightsSeed = 0,
 ) -> None:
     """Pairs/s of the paired sampler against a batch-1 reference-style loop, same models."""
+    from magicseg_engine.bench.common import bench_vocabulary
     from magicseg_engine.bench.generate import bench_generate
     from magicseg_engine.config import load_preset
     from magicseg_engine.pipeline import build_sampler
     from magicseg_engine.prompts import build_prompts
-    from magicseg_engine.vocab import load_vocabulary
 
     if min(pairs, batch_size, reps) <= 0 or warmup < 0:
         raise UsageError("--pairs, --batch-size and --reps must be positive, --warmup not negative")
     device = _resolve_device(device)
     config = load_preset(preset, {"weights_seed": weights_seed, "diffusion": {"steps": steps, "dtype": dtype, "model": model}})
-    records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=pairs).records
+    records = build_prompts(config.prompts, vocab=bench_vocabulary(config), num=pairs).records
     sampler = build_sampler(config, device)
     stderr.print(f"benchmarking {pairs} pairs on {device}: engine (batch {batch_size}) vs reference loop (batch 1)")
     result = bench_generate(sampler, [r.prompt for r in records], [r.negative_prompt for r in records],
@@ -1303,18 +1303,18 @@ def bench_masks_command(
     weights_seed: BenchWeightsSeed = 0,
 ) -> None:
     """Attention-capture overhead on the UNet, and batched SAM against one prompt at a time."""
+    from magicseg_engine.bench.common import bench_vocabulary
     from magicseg_engine.bench.masks import bench_masks
     from magicseg_engine.config import load_preset
     from magicseg_engine.masks.sam import SamRefiner, build_sam
     from magicseg_engine.pipeline import build_sampler
     from magicseg_engine.prompts import build_prompts
-    from magicseg_engine.vocab import load_vocabulary
 
     if min(pairs, reps, 1 if size is None else size, 1 if steps is None else steps) <= 0 or warmup < 0:
         raise UsageError("--pairs, --reps, --size and --steps must be positive, --warmup not negative")
     device = _resolve_device(device)
     config = load_preset(preset, {"weights_seed": weights_seed, "diffusion": {"height": size, "width": size, "steps": steps}})
-    records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=pairs).records
+    records = build_prompts(config.prompts, vocab=bench_vocabulary(config), num=pairs).records
     sampler = build_sampler(config, device)
     refiner = None if no_sam else SamRefiner(build_sam(config.sam.model_type, config.sam.checkpoint, device=device,
                                                        dtype=sampler.dtype, seed=config.weights_seed))
@@ -1656,7 +1656,15 @@ def _headline_table(rows: list[dict], title: str) -> Table:
     return table
 
 
-def _suite_command(name: str, doc: str):
+# What `bench losses`, `loader` and `train` measure is the pretraining preset's model on synthetic
+# shards: no diffusion model, no pairs and (loader) no repetitions, so they offer none of those
+# options; `unet` times batch sizes, not pairs, and `sam` up to 4 pairs in one batch.
+_SAMPLER_OPTIONS = ("pairs", "batch_size", "model", "weights_seed")
+
+
+def _suite_command(name: str, doc: str, without: tuple[str, ...] = ()):
+    import inspect
+
     def command(
         preset: BenchPreset = "tiny", reps: BenchReps = 3, warmup: BenchWarmup = 1, device: BenchDevice = "auto",
         pairs: BenchPairs = 8, batch_size: BenchBatch = 8, json_out: BenchJson = None, model: BenchModel = None,
@@ -1672,15 +1680,25 @@ def _suite_command(name: str, doc: str):
 
     command.__doc__ = doc
     command.__name__ = f"bench_{name}_command"
+    # The options a bench does not read are left out of its signature, so typer does not offer them
+    # (the body sees their defaults).
+    signature = inspect.signature(command, eval_str=True)
+    command.__signature__ = signature.replace(
+        parameters=[p for p in signature.parameters.values() if p.name not in without])
     bench_app.command(name)(reports_usage_errors(command))
 
 
 _suite_command("pipeline", "Pairs/s from prompts to shards with masks, against the reference's one-image-at-a-time pipeline.")
-_suite_command("unet", "UNet rows/s, TFLOP/s and peak memory against batch size; the reference's 2 rows as baseline.")
-_suite_command("sam", "Batched SAM refinement against SamPredictor one image and one prompt at a time.")
-_suite_command("losses", "Fused Triton focal/dice and counterfactual losses against torch, forward + backward.")
-_suite_command("loader", "Images/s of the DALI loader against the torch loader over the same shards.")
-_suite_command("train", "Time and peak memory of one training step, fused against eager losses.")
+_suite_command("unet", "UNet rows/s, TFLOP/s and peak memory against batch size; the reference's 2 rows as baseline.",
+               without=("pairs",))
+_suite_command("sam", "Batched SAM refinement against SamPredictor one image and one prompt at a time.",
+               without=("batch_size",))
+_suite_command("losses", "Fused Triton focal/dice and counterfactual losses against torch, forward + backward.",
+               without=_SAMPLER_OPTIONS)
+_suite_command("loader", "Images/s of the DALI loader against the torch loader over the same shards.",
+               without=(*_SAMPLER_OPTIONS, "warmup", "reps"))
+_suite_command("train", "Time and peak memory of one training step, fused against eager losses.",
+               without=_SAMPLER_OPTIONS)
 
 
 @bench_app.command("all")
@@ -1717,12 +1735,12 @@ def bench_tune_command(
     """Sweep backend, precision, memory layout, attention kernel, CPU threads and batch size end to end with masks, against the reference pipeline."""
     import torch
 
+    from magicseg_engine.bench.common import bench_vocabulary
     from magicseg_engine.bench.suite import headline
     from magicseg_engine.bench.tune import bench_tune, default_variants, parse_variants, skipped_variants
     from magicseg_engine.config import load_preset
     from magicseg_engine.engine.build import parse_batch_sizes
     from magicseg_engine.prompts import build_prompts
-    from magicseg_engine.vocab import load_vocabulary
 
     sizes = parse_batch_sizes(batch_sizes)
     pairs = pairs if pairs is not None else 2 * max(sizes)
@@ -1733,7 +1751,7 @@ def bench_tune_command(
     chosen = parse_variants(variants, dev) if variants is not None else default_variants(dev)
     skipped = skipped_variants(dev) if variants is None else []
     config = load_preset(preset, {"weights_seed": weights_seed, "diffusion": {"model": model}})
-    records = build_prompts(config.prompts, vocab=load_vocabulary("voc"), num=max(pairs, reference_pairs)).records
+    records = build_prompts(config.prompts, vocab=bench_vocabulary(config), num=max(pairs, reference_pairs)).records
     with progress_bar() as bar:
         task = bar.add_task(f"bench tune ({preset})", total=len(chosen) + 1, unit="variants")
         result = bench_tune(preset, dev, chosen, records[:pairs], records[:reference_pairs], sizes, encode_workers,

@@ -94,3 +94,11 @@ def count_flops(fn: Callable[[], object]) -> int:
     with sdpa_kernel(SDPBackend.MATH), counter:
         fn()
     return counter.get_total_flops()
+
+
+def bench_vocabulary(config):
+    """The classes a benchmark draws its prompts from: the shapes world's for world prompts (the
+    shapes preset, whose prompts name only its colours and shapes), VOC's otherwise."""
+    from magicseg_engine.vocab import load_vocabulary
+
+    return load_vocabulary("shapes" if config.prompts.source == "world" else "voc")

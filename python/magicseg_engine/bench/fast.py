@@ -154,12 +154,11 @@ def fast_mode_agreement(sampler: PairedSampler, prompts: Sequence[str], negative
 def fast_bench(config, device, levels: Sequence[int], pairs: int, reps: int = 3) -> dict:
     """`bench fast` for a run configuration: `pairs` prompts of its vocabulary, its sampler without
     a mask stage, and the capture and threshold of its mask settings."""
+    from magicseg_engine.bench.common import bench_vocabulary
     from magicseg_engine.pipeline import build_sampler
     from magicseg_engine.prompts import build_prompts
-    from magicseg_engine.vocab import load_vocabulary
 
-    vocabulary = "shapes" if config.preset == "shapes" else "voc"
-    records = build_prompts(config.prompts, vocab=load_vocabulary(vocabulary), num=pairs).records
+    records = build_prompts(config.prompts, vocab=bench_vocabulary(config), num=pairs).records
     sampler = build_sampler(config.model_copy(update={"masks": config.masks.model_copy(update={"source": "none"})}),
                             device)
     m = config.masks

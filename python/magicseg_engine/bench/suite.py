@@ -58,12 +58,13 @@ class BenchContext:
         return self.mask_stage.annotator.refiner
 
     def prompt_records(self, n: int):
-        """`n` prompt records over the VOC classes, the same ones for every benchmark of the run."""
+        """`n` prompt records over the preset's classes (`common.bench_vocabulary`), the same ones
+        for every benchmark of the run."""
         if n not in self._cache:
+            from magicseg_engine.bench.common import bench_vocabulary
             from magicseg_engine.prompts import build_prompts
-            from magicseg_engine.vocab import load_vocabulary
 
-            self._cache[n] = build_prompts(self.config.prompts, vocab=load_vocabulary("voc"), num=n).records
+            self._cache[n] = build_prompts(self.config.prompts, vocab=bench_vocabulary(self.config), num=n).records
         return self._cache[n]
 
     def records(self, n: int):
