@@ -108,10 +108,8 @@ def resumes_after_signals(command):
                 return command(*args, **kwargs)
         except Interrupted as stop:
             out = kwargs.get("out")
-            again = ("run the same command again" if kwargs.get("resume") else
-                     "run the same command with --resume" + (" in place of --overwrite" if kwargs.get("overwrite") else ""))
             stderr.print(f"stopped by {stop.name}: {_finished_pairs(out)} pairs are finished in {out} and kept; "
-                         f"{again} to continue", highlight=False, soft_wrap=True)
+                         f"{_retry_hint(command, kwargs)} to continue", highlight=False, soft_wrap=True)
             raise typer.Exit(code=128 + stop.signum) from None
 
     return wrapper

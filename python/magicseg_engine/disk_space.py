@@ -126,22 +126,25 @@ def check_space(out: Path, needed: int, pairs_left: int, per_pair: int, source: 
 # the command line's error handler asks for both when a write fails. Both are per process, and
 # the handler clears them before each command.
 
-_need: list[Callable[[], int | None] | None] = [None]
-_retry: list[Callable[[], str] | None] = [None]
+_need: Callable[[], int | None] | None = None
+_retry: Callable[[], str] | None = None
 
 
 def note_need(estimate: Callable[[], int | None] | None) -> None:
     """`estimate()` gives the bytes the running command still needs (None: unknown)."""
-    _need[0] = estimate
+    global _need
+    _need = estimate
 
 
 def note_retry(hint: Callable[[], str] | None) -> None:
     """`hint()` says how to continue after the disk is mended, e.g. "run the same command with --resume"."""
-    _retry[0] = hint
+    global _retry
+    _retry = hint
 
 
 def clear_notes() -> None:
-    _need[0] = _retry[0] = None
+    global _need, _retry
+    _need = _retry = None
 
 
 def is_disk_error(err: BaseException) -> bool:
@@ -155,10 +158,10 @@ def describe_write_error(err: OSError, default_retry: str) -> str:
     path = err.filename or "a file"
     name = errno.errorcode.get(err.errno, str(err.errno))
     meaning = os.strerror(err.errno)
-    retry = _safe(_retry[0]) or default_retry
+    retry = _safe(_retry) or default_retry
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         free = free_bytes(Path(path).parent) if err.filename else None
-        need = _safe(_need[0])
+        need = _safe(_need)
         room = f"{human(free)} free on its file system" if free is not None else "its file system does not say how much is free"
         room += f", and it needs about {human(need)} more" if need else ""
         what = "free space (or raise the quota)" if err.errno == errno.EDQUOT else "free space"
